@@ -1,0 +1,200 @@
+"""Dataset layouts (UCF101, HMDB51, folder-per-class) and few-shot class splits.
+
+A split is a folder with `{train,val,test}_classes.txt` (one class folder name per line) and,
+optionally, `{train,val,test}_videos.txt` (one `Class/video_stem` per line). The named splits live
+in `configs/splits/<name>/`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .video import VIDEO_EXTENSIONS
+
+PARTS = ("train", "val", "test")
+SPLITS_DIR = Path(__file__).resolve().parents[1] / "configs" / "splits"
+LAYOUTS = ("ucf101", "hmdb51", "folder")
+# (train, val, test) class counts that a named split must have.
+EXPECTED_COUNTS = {
+    "arn_ucf101": (70, 10, 21),
+    "arn_hmdb51": (31, 10, 10),
+    "cmn_kinetics100": (64, 12, 24),
+    "cmn_ssv2_100": (64, 12, 24),
+}
+UCF101_NAME = re.compile(r"^v_[A-Za-z]+_g\d{2}_c\d{2}$")
+SHOW = 5  # how many names an error lists before "..."
+
+
+class DatasetError(Exception):
+    """A dataset root or split that cannot be used; the message says what and where."""
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    id: str          # "Class/stem"
+    path: Path
+    class_name: str
+    part: str        # train / val / test
+    label: int       # index of the class in train + val + test order
+
+
+@dataclass
+class Split:
+    name: str
+    classes: dict[str, list[str]]
+    videos: dict[str, list[str]] | None = None
+
+    def part_of(self) -> dict[str, str]:
+        return {c: p for p in PARTS for c in self.classes[p]}
+
+    @property
+    def all_classes(self) -> list[str]:
+        return [c for p in PARTS for c in self.classes[p]]
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _listing(names) -> str:
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > SHOW else ""
+    return ", ".join(names[:SHOW]) + more
+
+
+def load_split(split: str | Path, expected: tuple[int, int, int] | None = None) -> Split:
+    """Load a split by name (configs/splits/<name>) or folder path and check it is well formed."""
+    path = Path(split)
+    if not path.is_dir():
+        path = SPLITS_DIR / str(split)
+    if not path.is_dir():
+        known = sorted(p.name for p in SPLITS_DIR.iterdir()) if SPLITS_DIR.is_dir() else []
+        raise DatasetError(f"split {split!r}: no such folder (known splits: {', '.join(known)})")
+    classes, videos = {}, {}
+    for part in PARTS:
+        f = path / f"{part}_classes.txt"
+        if not f.is_file():
+            raise DatasetError(f"split {path}: missing {f.name}")
+        classes[part] = _read_lines(f)
+        if len(set(classes[part])) != len(classes[part]):
+            dup = sorted({c for c in classes[part] if classes[part].count(c) > 1})
+            raise DatasetError(f"{f}: duplicate classes: {_listing(dup)}")
+        v = path / f"{part}_videos.txt"
+        if v.is_file():
+            videos[part] = _read_lines(v)
+    if videos and len(videos) != len(PARTS):
+        raise DatasetError(f"split {path}: per-video lists must be given for all of train/val/test or none")
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        both = set(classes[a]) & set(classes[b])
+        if both:
+            raise DatasetError(f"split {path}: classes in both {a} and {b}: {_listing(sorted(both))}")
+    expected = expected or EXPECTED_COUNTS.get(path.name)
+    counts = tuple(len(classes[p]) for p in PARTS)
+    if expected and counts != tuple(expected):
+        raise DatasetError(f"split {path}: expected {expected} train/val/test classes, found {counts}")
+    for part, ids in videos.items():
+        wrong = [i for i in ids if i.split("/", 1)[0] not in classes[part]]
+        if wrong:
+            raise DatasetError(f"{path / f'{part}_videos.txt'}: videos of classes not in {part}: {_listing(wrong)}")
+    return Split(path.name, classes, videos or None)
+
+
+def scan(root: str | Path, layout: str = "folder") -> tuple[dict[str, list[Path]], list[tuple[str, str]]]:
+    """Class folder -> sorted video files, plus (file, reason) for entries that are not videos."""
+    if layout not in LAYOUTS:
+        raise DatasetError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} does not exist or is not a folder")
+    found, problems = {}, []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        vids = []
+        for f in sorted(d.iterdir()):
+            if f.name.startswith("."):
+                continue
+            if not f.is_file() or f.suffix.lower() not in VIDEO_EXTENSIONS:
+                problems.append((str(f), f"not a video file (extensions: {' '.join(VIDEO_EXTENSIONS)})"))
+                continue
+            if layout == "ucf101" and not UCF101_NAME.match(f.stem):
+                problems.append((str(f), "name does not follow UCF101's v_<Class>_gXX_cYY; used anyway"))
+            vids.append(f)
+        found[d.name] = vids
+    return found, problems
+
+
+def resolve(split: Split, root, layout: str = "folder", allow_missing: bool = False
+            ) -> tuple[list[VideoEntry], list[tuple[str, str]]]:
+    """The videos of a split under `root`, checked against the folders that exist.
+
+    Every split class must be a folder under root. With per-video lists, the listed videos must
+    exist (matched on `Class/stem`, any video extension); missing ones are an error naming them,
+    or, with `allow_missing`, reported in the returned problems.
+    """
+    found, problems = scan(root, layout)
+    wanted = set(split.all_classes)
+    problems = [(f, why) for f, why in problems if Path(f).parent.name in wanted]
+    missing = [c for c in split.all_classes if c not in found]
+    if missing:
+        raise DatasetError(f"{len(missing)} class folder(s) of split {split.name} missing under {root}: "
+                           f"{_listing(missing)}")
+    empty = [c for c in split.all_classes if not found[c]]
+    if empty:
+        raise DatasetError(f"class folder(s) with no video file under {root}: {_listing(empty)}")
+    label = {c: i for i, c in enumerate(split.all_classes)}
+    entries = []
+    for part in PARTS:
+        for c in split.classes[part]:
+            by_stem = {f.stem: f for f in found[c]}
+            if split.videos is None:
+                entries += [VideoEntry(f"{c}/{s}", f, c, part, label[c]) for s, f in by_stem.items()]
+        if split.videos is not None:
+            absent = []
+            for vid in split.videos[part]:
+                c, stem = vid.split("/", 1)
+                f = next((g for g in found[c] if g.stem == stem), None)
+                if f is None:
+                    absent.append(vid)
+                else:
+                    entries.append(VideoEntry(vid, f, c, part, label[c]))
+            if absent:
+                msg = f"{len(absent)} of {len(split.videos[part])} {part} videos listed by split {split.name} " \
+                      f"are missing under {root}: {_listing(absent)}"
+                if not allow_missing:
+                    raise DatasetError(msg + " (use --allow-missing to go on without them)")
+                problems.append((str(root), msg))
+    return entries, problems
+
+
+def summarize(entries: list[VideoEntry], problems: list[tuple[str, str]], probe_videos: bool = False) -> str:
+    """A human-readable report of a resolved split: classes and videos per part, problems, and
+    (with `probe_videos`) frame counts, fps and sizes read from every file."""
+    from .video import VideoError, probe
+
+    lines = []
+    for part in PARTS:
+        vids = [e for e in entries if e.part == part]
+        per = {}
+        for e in vids:
+            per[e.class_name] = per.get(e.class_name, 0) + 1
+        if per:
+            lines.append(f"{part:5s}: {len(per):3d} classes, {len(vids):6d} videos "
+                         f"({min(per.values())}-{max(per.values())} per class)")
+    if probe_videos:
+        frames, bad = [], []
+        for e in entries:
+            try:
+                n, fps, w, h = probe(e.path)
+                frames.append(n)
+            except VideoError as err:
+                bad.append((str(e.path), err.reason))
+        if frames:
+            lines.append(f"frames per video (header): min {min(frames)}, median {sorted(frames)[len(frames) // 2]}, "
+                         f"max {max(frames)}")
+        problems = problems + bad
+    if problems:
+        lines.append(f"{len(problems)} problem(s):")
+        lines += [f"  {f}: {why}" for f, why in problems[:20]]
+        if len(problems) > 20:
+            lines.append(f"  ... and {len(problems) - 20} more")
+    return "\n".join(lines)

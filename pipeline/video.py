@@ -1,0 +1,277 @@
+"""Reading clips out of video files: frame-index sampling, sequential decoding, MFNet preprocessing.
+
+Frame indices are computed from the real number of decodable frames, never trusted blindly from the
+container header: a file whose header promises more frames than it holds is re-sampled from the
+frames that exist (see `read_clips`).
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov")
+
+# MFNet-3D (Chen et al., ECCV 2018) preprocessing as applied by the authors' PyTorch code
+# (cypw/PyTorch-MFNet, network/config.py + data/image_transforms.py): frames are converted BGR->RGB,
+# resized with cv2.INTER_LINEAR, cropped, scaled to [0, 1] by /255, then normalised per channel with
+# the "MXNet default" mean = (124, 117, 104) / 255 and std = 1 / (0.0167 * 255), i.e.
+# value = (x / 255 - mean) / std.
+MFNET_MEAN = (124 / 255, 117 / 255, 104 / 255)
+MFNET_STD = (1 / (0.0167 * 255),) * 3
+
+
+class VideoError(Exception):
+    """A video that cannot be used; the message names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- frame-index sampling
+
+@dataclass(frozen=True)
+class Sampling:
+    """How clips are placed in a video.
+
+    segments: the paper's rule. The video is cut into `clips` equal segments; inside segment t the
+      `frames` indices are spread uniformly: floor(t*L + (j + 0.5) * L / F) for L = n / T. A segment
+      shorter than F frames therefore repeats frames (nearest-frame upsampling), never crashes.
+    dense: windows of `frames` indices `step` apart, starting every `stride` frames (default: one
+      window length, i.e. non-overlapping). When the windows do not reach the end, one more window
+      is aligned to the last frame so the whole video is covered. A video shorter than one window
+      gives one window whose indices past the end repeat the last frame.
+    """
+
+    mode: str = "segments"
+    clips: int = 3
+    frames: int = 16
+    step: int = 1
+    stride: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in ("segments", "dense"):
+            raise ValueError(f"sampling.mode must be 'segments' or 'dense', got {self.mode!r}")
+        for name in ("clips", "frames", "step"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sampling.{name} must be >= 1, got {getattr(self, name)}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"sampling.stride must be >= 1, got {self.stride}")
+
+    def indices(self, n_frames: int) -> np.ndarray:
+        """(n_clips, frames) int64 frame indices for a video of `n_frames` frames."""
+        if n_frames < 1:
+            raise ValueError("a video needs at least one frame")
+        if self.mode == "segments":
+            return segment_indices(n_frames, self.clips, self.frames)
+        return dense_indices(n_frames, self.frames, self.step, self.stride)
+
+
+def segment_indices(n_frames: int, clips: int, frames: int) -> np.ndarray:
+    seg = n_frames / clips
+    t = np.arange(clips)[:, None]
+    j = np.arange(frames)[None, :]
+    idx = np.floor(t * seg + (j + 0.5) * seg / frames).astype(np.int64)
+    return np.minimum(idx, n_frames - 1)
+
+
+def dense_indices(n_frames: int, frames: int, step: int = 1, stride: int | None = None) -> np.ndarray:
+    span = (frames - 1) * step + 1
+    stride = stride or frames * step
+    starts = list(range(0, max(n_frames - span, 0) + 1, stride))
+    if starts[-1] + span < n_frames:  # tail not covered: one more window flush with the end
+        starts.append(n_frames - span)
+    idx = np.array(starts)[:, None] + step * np.arange(frames)[None, :]
+    return np.minimum(idx, n_frames - 1).astype(np.int64)
+
+
+# ---------------------------------------------------------------- preprocessing
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Resize then crop, as MFNet was trained: `resize` is (w, h) for mode 'fixed' (paper: 256x256)
+    or the shorter side for mode 'short'."""
+
+    resize_mode: str = "fixed"
+    resize: int = 256
+    crop: int = 112
+
+    def __post_init__(self):
+        if self.resize_mode not in ("fixed", "short"):
+            raise ValueError(f"preprocess.resize_mode must be 'fixed' or 'short', got {self.resize_mode!r}")
+        if self.crop > self.resize:
+            raise ValueError(f"preprocess.crop ({self.crop}) is larger than preprocess.resize ({self.resize})")
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        if self.resize_mode == "fixed":
+            return self.resize, self.resize
+        if width < height:
+            return self.resize, int(self.resize * height / width)
+        return int(self.resize * width / height), self.resize
+
+    def resize_frame(self, bgr: np.ndarray) -> np.ndarray:
+        """BGR uint8 (H, W, 3) -> RGB uint8 resized."""
+        h, w = bgr.shape[:2]
+        size = self.resized_size(w, h)
+        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        if size != (w, h):
+            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
+        return rgb
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where one clip is cut from its resized frames; identical for all frames of the clip."""
+
+    y: int
+    x: int
+    flip: bool = False
+
+
+def center_crop(height: int, width: int, size: int) -> Crop:
+    # round() as in the authors' CenterCrop
+    return Crop(int(round((height - size) / 2.0)), int(round((width - size) / 2.0)))
+
+
+def random_crop(height: int, width: int, size: int, rng: np.random.Generator, flip: bool = True) -> Crop:
+    y = int(rng.integers(0, height - size + 1))
+    x = int(rng.integers(0, width - size + 1))
+    return Crop(y, x, bool(flip and rng.random() < 0.5))
+
+
+def normalize(clip_rgb: np.ndarray) -> np.ndarray:
+    """uint8 (F, H, W, 3) RGB -> float32 (3, F, H, W) normalised as MFNet expects."""
+    x = clip_rgb.astype(np.float32) / 255.0
+    x = (x - np.array(MFNET_MEAN, np.float32)) / np.array(MFNET_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
+
+
+def cut_clip(frames: dict[int, np.ndarray], idx: np.ndarray, crop: Crop, size: int) -> np.ndarray:
+    """Stack the frames `idx` (resized RGB) cropped by `crop` -> float32 (3, F, size, size)."""
+    clip = np.stack([frames[int(i)][crop.y:crop.y + size, crop.x:crop.x + size] for i in idx])
+    if crop.flip:
+        clip = clip[:, :, ::-1]
+    return normalize(clip)
+
+
+# ---------------------------------------------------------------- decoding
+
+@dataclass
+class VideoClips:
+    """What `read_clips` returns for one video."""
+
+    clips: np.ndarray            # (views, n_clips, 3, F, crop, crop) float32
+    indices: np.ndarray          # (n_clips, F) frame indices into the decoded frames
+    n_frames: int                # frames that really decoded
+    header_frames: int           # what the container claimed
+    fps: float
+    size: tuple[int, int]        # original (width, height)
+    crops: list = field(default_factory=list)  # [view][clip] Crop
+
+
+def probe(path) -> tuple[int, float, int, int]:
+    """(header frame count, fps, width, height); raises VideoError for a file OpenCV cannot open."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(path, "file does not exist")
+    if path.stat().st_size == 0:
+        raise VideoError(path, "empty file (0 bytes)")
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise VideoError(path, "not a readable video (OpenCV could not open it)")
+        return (int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), float(cap.get(cv2.CAP_PROP_FPS) or 0.0),
+                int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    finally:
+        cap.release()
+
+
+def decode_frames(path, wanted: set[int], preprocess: Preprocess) -> tuple[dict[int, np.ndarray], int]:
+    """Decode sequentially, converting and resizing only the `wanted` frames.
+
+    Returns ({index: resized RGB frame}, number of frames decoded). Stops early once every wanted
+    frame is in hand unless it must count the frames; memory is bounded by the wanted frames.
+    """
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise VideoError(path, "not a readable video (OpenCV could not open it)")
+    out: dict[int, np.ndarray] = {}
+    last = max(wanted) if wanted else -1
+    i = 0
+    try:
+        while i <= last:
+            if not cap.grab():  # grab() decodes; retrieve() does the colour conversion
+                break
+            if i in wanted:
+                ok, bgr = cap.retrieve()
+                if not ok or bgr is None:
+                    break
+                if bgr.ndim == 2:
+                    bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+                out[i] = preprocess.resize_frame(bgr)
+            i += 1
+    finally:
+        cap.release()
+    return out, i
+
+
+def count_frames(path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    try:
+        while cap.grab():
+            n += 1
+    finally:
+        cap.release()
+    return n
+
+
+def view_seed(video_id: str, seed: int) -> int:
+    """A per-video seed that does not depend on Python's randomised str hash."""
+    return zlib.crc32(video_id.encode()) ^ seed
+
+
+def read_clips(path, sampling: Sampling, preprocess: Preprocess, views: int = 1, seed: int = 0,
+               flip: bool = True) -> VideoClips:
+    """Sample and preprocess the clips of one video, for `views` crops of every clip.
+
+    View 0 is the center crop; view v >= 1 is a random crop (+ horizontal flip with p = 0.5 when
+    `flip`), drawn from a generator seeded by (seed, v, clip) so re-running gives the same crops.
+    If the container header overstates the frame count, the decodable frames are counted and the
+    indices recomputed from that count (a second sequential pass; rare in practice).
+    """
+    header, fps, width, height = probe(path)
+    n = header
+    if n <= 0:
+        n = count_frames(path)
+    if n <= 0:
+        raise VideoError(path, "no decodable frames")
+    idx = sampling.indices(n)
+    frames, decoded = decode_frames(path, set(idx.ravel().tolist()), preprocess)
+    if len(frames) < len(set(idx.ravel().tolist())):
+        n = decoded if decoded < n else count_frames(path)
+        if n <= 0:
+            raise VideoError(path, "no decodable frames (truncated or corrupt)")
+        idx = sampling.indices(n)
+        frames, decoded = decode_frames(path, set(idx.ravel().tolist()), preprocess)
+        if len(frames) < len(set(idx.ravel().tolist())):
+            raise VideoError(path, f"frames stop decoding unpredictably after {decoded} of {header} frames")
+    h, w = next(iter(frames.values())).shape[:2]
+    size = preprocess.crop
+    crops = []
+    for v in range(views):
+        row = []
+        for c in range(len(idx)):
+            if v == 0:
+                row.append(center_crop(h, w, size))
+            else:
+                row.append(random_crop(h, w, size, np.random.default_rng([seed, v, c]), flip))
+        crops.append(row)
+    clips = np.stack([np.stack([cut_clip(frames, idx[c], crops[v][c], size) for c in range(len(idx))])
+                      for v in range(views)])
+    return VideoClips(clips, idx, n, header, fps, (width, height), crops)

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+
+from pipeline.video import (MFNET_MEAN, MFNET_STD, Crop, Preprocess, Sampling, VideoError, center_crop,
+                            cut_clip, dense_indices, normalize, read_clips, segment_indices)
+
+
+def test_segments_long_video_spreads_frames_uniformly():
+    idx = segment_indices(96, clips=3, frames=16)  # 32 frames per segment: every other frame
+    assert idx.shape == (3, 16)
+    assert idx[0].tolist() == list(range(1, 32, 2))
+    assert idx[1, 0] == 33 and idx[2, -1] == 95
+
+
+def test_segments_exact_length_uses_every_frame_once():
+    assert segment_indices(48, 3, 16).ravel().tolist() == list(range(48))
+
+
+def test_segments_short_video_repeats_frames_in_order():
+    idx = segment_indices(5, 3, 4)
+    assert idx.max() == 4 and idx.min() == 0
+    assert (np.diff(idx.ravel()) >= 0).all()  # time never runs backwards
+    assert idx.tolist() == [[0, 0, 1, 1], [1, 2, 2, 3], [3, 3, 4, 4]]
+
+
+def test_dense_non_overlapping_with_tail_window():
+    idx = dense_indices(40, frames=16)
+    assert idx[:, 0].tolist() == [0, 16, 24]  # last window flush with the end covers frames 32-39
+    assert idx[-1, -1] == 39
+
+
+def test_dense_exact_and_short_and_step_stride():
+    assert dense_indices(32, 16).shape == (2, 16)
+    short = dense_indices(5, 16)
+    assert short.shape == (1, 16) and short[0].tolist() == [0, 1, 2, 3, 4] + [4] * 11
+    idx = dense_indices(100, 4, step=2, stride=10)
+    assert idx[0].tolist() == [0, 2, 4, 6] and idx[1, 0] == 10
+    assert idx[-1, -1] == 99
+
+
+def test_sampling_validates_keys():
+    with pytest.raises(ValueError, match="sampling.mode"):
+        Sampling(mode="random")
+    with pytest.raises(ValueError, match="sampling.frames"):
+        Sampling(frames=0)
+
+
+def test_normalize_matches_hand_computed_pixels():
+    clip = np.zeros((1, 1, 2, 3), np.uint8)
+    clip[0, 0, 0] = (124, 117, 104)        # exactly the mean: all zero
+    clip[0, 0, 1] = (255, 0, 10)
+    x = normalize(clip)                     # (3, F, H, W)
+    assert x.shape == (3, 1, 1, 2)
+    assert np.allclose(x[:, 0, 0, 0], 0, atol=1e-6)
+    # (x - mean) * 0.0167, per channel, in RGB order
+    assert np.allclose(x[:, 0, 0, 1], [(255 - 124) * 0.0167, (0 - 117) * 0.0167, (10 - 104) * 0.0167], atol=1e-5)
+    assert np.allclose(MFNET_STD[0], 1 / 4.2585)
+    assert np.isclose(MFNET_MEAN[0] * 255, 124)
+
+
+def test_center_crop_and_flip_are_the_same_for_all_frames():
+    assert center_crop(256, 256, 112) == Crop(72, 72)
+    frames = {i: np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) + i for i in range(2)}
+    a = cut_clip(frames, np.array([0, 1]), Crop(1, 1), 2)
+    b = cut_clip(frames, np.array([0, 1]), Crop(1, 1, flip=True), 2)
+    assert a.shape == (3, 2, 2, 2)
+    assert np.allclose(a[..., ::-1], b)
+
+
+def test_resize_modes():
+    assert Preprocess().resized_size(320, 240) == (256, 256)
+    assert Preprocess(resize_mode="short", resize=128).resized_size(320, 240) == (170, 128)
+
+
+@pytest.mark.parametrize("fourcc,ext", [("MJPG", "avi"), ("mp4v", "mp4")])
+def test_reader_on_real_codecs(make_video, fourcc, ext):
+    path = make_video(f"v.{ext}", 60, fourcc)
+    out = read_clips(path, Sampling(clips=3, frames=4), Preprocess(resize=64, crop=32), views=2, seed=1)
+    assert out.clips.shape == (2, 3, 3, 4, 32, 32) and out.clips.dtype == np.float32
+    assert out.n_frames == 60
+    # frame i is grey 10 + 3 i: decoded values identify the sampled frames (codecs shift levels by a
+    # few units through YUV, the same for every frame, so compare steps exactly and levels loosely)
+    red = (out.clips[0, :, 0, :, 16, 16] / 0.0167 + 124).ravel()
+    assert np.allclose(np.diff(red), 3 * np.diff(out.indices.ravel()), atol=1.5)
+    assert np.allclose(red, 10 + 3 * out.indices.ravel(), atol=6)
+    again = read_clips(path, Sampling(clips=3, frames=4), Preprocess(resize=64, crop=32), views=2, seed=1)
+    assert np.array_equal(out.clips, again.clips)
+
+
+def test_views_differ_by_seeded_random_crops(make_video):
+    path = make_video("v.avi", 20)
+    out = read_clips(path, Sampling(clips=2, frames=2), Preprocess(resize=64, crop=32), views=3, seed=7)
+    assert out.crops[0][0] == Crop(16, 16)
+    assert len({out.crops[v][c] for v in (1, 2) for c in (0, 1)}) > 1
+
+
+def test_header_that_overstates_frames_samples_existing_frames(make_video, tmp_path):
+    good = make_video("full.avi", 80)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])  # the header still says 80 frames
+    out = read_clips(cut, Sampling(clips=3, frames=4), Preprocess(resize=64, crop=32))
+    assert out.header_frames == 80
+    assert 0 < out.n_frames < 80
+    assert out.indices.max() < out.n_frames
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "empty file"), (bytes(range(256)) * 40, "not a readable video")])
+def test_bad_files_name_the_file_and_the_reason(tmp_path, content, reason):
+    bad = tmp_path / "bad.avi"
+    bad.write_bytes(content)
+    with pytest.raises(VideoError, match=reason) as e:
+        read_clips(bad, Sampling(), Preprocess())
+    assert str(bad) in str(e.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(VideoError, match="does not exist"):
+        read_clips(tmp_path / "nope.avi", Sampling(), Preprocess())
