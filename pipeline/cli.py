@@ -47,5 +47,82 @@ def scan(root: Path = typer.Option(..., help="Dataset root: one folder per class
     typer.echo(summarize(entries, problems, probe_videos))
 
 
+@app.command()
+def extract(root: Path = typer.Option(..., help="Dataset root: one folder per class."),
+            split: str = typer.Option(..., help="Split name under configs/splits or a split folder."),
+            out: Path = typer.Option(..., help="Cache file to write, e.g. cache/ucf101.h5."),
+            layout: str = typer.Option("folder", help="ucf101 | hmdb51 | folder (the demo is a folder layout)."),
+            weights: Optional[Path] = typer.Option(None, help="MFNet Kinetics-400 checkpoint (MFNet3D_Kinetics-400_72.8.pth). Without it: random init, demo only."),
+            sampling: str = typer.Option("segments", help="segments (paper: T equal segments) | dense (every F-frame window)."),
+            clips: int = typer.Option(3, help="segments: clips per video (T)."),
+            frames: int = typer.Option(16, help="Frames per clip (F)."),
+            step: int = typer.Option(1, help="dense: frame step inside a window."),
+            stride: Optional[int] = typer.Option(None, help="dense: frames between window starts (default: non-overlapping)."),
+            resize_mode: str = typer.Option("fixed", help="fixed (resize x resize, the paper) | short (shorter side = resize)."),
+            resize: int = typer.Option(256, help="Resize target before cropping."),
+            crop: int = typer.Option(112, help="Crop size."),
+            views: int = typer.Option(1, help="Views per clip: 0 = center crop, 1.. = seeded random crop + flip."),
+            seed: int = typer.Option(0, help="Seed of the random views (and of the random network without --weights)."),
+            flip: bool = typer.Option(True, help="Random horizontal flip in views >= 1."),
+            layer: str = typer.Option("tail", help="tail (after the final BN+ReLU) | conv5."),
+            dtype: str = typer.Option("float16", help="Stored map dtype: float16 | float32."),
+            compression: str = typer.Option("lzf", help="none | lzf | gzip (with shuffle)."),
+            precision: str = typer.Option("fp32", help="Compute precision: fp32 | bf16 | fp16 (autocast; stored dtype unchanged)."),
+            device: str = typer.Option("auto", help="auto | cpu | cuda."),
+            batch_size: int = typer.Option(8, help="Clips per forward batch (batches span videos)."),
+            workers: int = typer.Option(1, help="Decoding processes (0 = decode in the main process)."),
+            shard: Optional[str] = typer.Option(None, help="i/N: extract only shard i of N (default: from torchrun or a Slurm array)."),
+            part_size: int = typer.Option(32, help="Videos per crash-safe part file."),
+            channels_last: bool = typer.Option(True, help="channels_last_3d memory format for the forward (faster on CPU)."),
+            overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
+            allow_missing: bool = typer.Option(False, help="Go on when a per-video list names missing videos.")):
+    """Stage one: run MFNet over every clip and write the HDF5 feature cache (resumable, shardable)."""
+    from .datasets import DatasetError, load_split, resolve
+    from .extract import ExtractSettings, extract as run_extract, load_backbone
+    from .store import CacheMismatch
+    from .video import Preprocess, Sampling
+    try:
+        sp = load_split(split)
+        entries, problems = resolve(sp, root, layout, allow_missing)
+        for f, why in problems:
+            typer.echo(f"skipped {f}: {why}", err=True)
+        model, info = load_backbone(str(weights) if weights else None, seed)
+        settings = ExtractSettings(Sampling(sampling, clips, frames, step, stride), Preprocess(resize_mode, resize, crop),
+                                   views, seed, flip, layer, dtype, compression, precision, info["weights_sha256"])
+        summary = run_extract(entries, out, settings, model, info, batch_size=batch_size, workers=workers,
+                              device=device, shard=shard, part_size=part_size, overwrite=overwrite,
+                              channels_last=channels_last,
+                              extra_provenance=dict(root=str(root), layout=layout, split=sp.name))
+    except (DatasetError, CacheMismatch, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if summary["status"] == "up to date":
+        typer.echo(f"{summary['path']}: up to date ({summary['videos']} videos), nothing to do")
+        return
+    typer.echo(f"{summary['path']}: {summary['videos']} videos, {summary['clips']} clip rows, "
+               f"{summary['bytes'] / 1e6:.1f} MB; computed {summary['computed_clips']} clips in "
+               f"{summary['seconds']:.1f} s ({summary['clips_per_s']:.1f} clips/s)"
+               + (f", resumed {summary['resumed_parts']} finished part(s)" if summary["resumed_parts"] else ""))
+    if summary["failures"]:
+        typer.echo(f"{len(summary['failures'])} video(s) failed and were recorded in the cache:")
+        for vid, why in summary["failures"]:
+            typer.echo(f"  {vid}: {why}")
+
+
+@app.command("merge")
+def merge_cmd(shards: List[Path] = typer.Argument(..., help="Shard files written by `extract --shard i/N`."),
+              out: Path = typer.Option(..., help="Merged cache file.")):
+    """Join shard caches into one, checking settings agree and every video is present exactly once."""
+    from .store import CacheMismatch, FeatureStore, merge
+    try:
+        n = merge(shards, out)
+        with FeatureStore(out) as s:
+            total = s.provenance.get("shard", "0/1").split("/")[1]
+        if str(len(shards)) != total:
+            typer.echo(f"warning: {len(shards)} shard file(s) given but they were written as {total} shards", err=True)
+    except (CacheMismatch, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    typer.echo(f"{out}: {n} videos from {len(shards)} shard(s)")
+
+
 def main():
     app()

@@ -1,0 +1,300 @@
+"""Stage one: run MFNet over every clip of a split and write the feature cache.
+
+Crash safety: the videos are cut into fixed groups ("parts") of `part_size` videos. Each part is
+computed with its own batches and written to `<out>.parts/part-XXXXXX.h5` under a temporary name,
+then renamed, so after Ctrl-C or kill -9 every part file on disk is complete. A rerun skips the
+finished parts and, at the end, the parts are merged into `<out>` (again via a temporary name).
+Because batches never span two parts, a resumed run computes exactly the batches an uninterrupted
+run would, and the caches are identical. Shard i of N takes parts i, i+N, ...; merging the shard
+files gives the same file as a single process.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import time
+import warnings
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from .backbones.mfnet import MFNet3D, random_mfnet, sha256
+from .datasets import VideoEntry
+from .store import CacheMismatch, StoreWriter, VideoResult, merge, read_settings
+from .video import Preprocess, Sampling, VideoError, read_clips, view_seed
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that determines the stored features; a cache is only reused or resumed when
+    these match exactly."""
+
+    sampling: Sampling = Sampling()
+    preprocess: Preprocess = Preprocess()
+    views: int = 1
+    seed: int = 0              # crops of views >= 1, and the random-init network without weights
+    flip: bool = True
+    layer: str = "tail"
+    dtype: str = "float16"
+    compression: str = "lzf"
+    precision: str = "fp32"
+    weights: str = "random"    # sha256 of the weights file, or "random"
+
+    def __post_init__(self):
+        if self.views < 1:
+            raise ValueError(f"views must be >= 1, got {self.views}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype must be float16 or float32, got {self.dtype!r}")
+        if self.compression not in ("none", "lzf", "gzip"):
+            raise ValueError(f"compression must be none, lzf or gzip, got {self.compression!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["backbone"] = "MFNet3D"
+        return d
+
+
+def load_backbone(weights: str | None, seed: int = 0) -> tuple[MFNet3D, dict]:
+    """The network and what to record about it."""
+    if weights:
+        model = MFNet3D.from_checkpoint(weights)
+        info = dict(weights_file=Path(weights).name, weights_sha256=sha256(weights))
+    else:
+        warnings.warn("no --weights given: using a RANDOMLY INITIALISED MFNet (seed %d). Features are only "
+                      "good for demos and tests; pass the Kinetics-400 checkpoint for real results." % seed,
+                      stacklevel=2)
+        model = random_mfnet(seed)
+        info = dict(weights_file=None, weights_sha256="random", random_init_seed=seed)
+    return model.eval(), info
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """`i/N` from the option, else from torchrun (RANK/WORLD_SIZE) or a Slurm array, else 0/1."""
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {shard!r}") from None
+    elif "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        i, n = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    elif "SLURM_ARRAY_TASK_COUNT" in os.environ and "SLURM_ARRAY_TASK_ID" in os.environ:
+        i = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        n = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        i, n = 0, 1
+    if not 0 <= i < n:
+        raise ValueError(f"shard index {i} is not in 0..{n - 1}")
+    return i, n
+
+
+def shard_path(out: Path, i: int, n: int) -> Path:
+    return out if n == 1 else out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device != "cpu":
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device("cpu")
+
+
+def _read(entry: VideoEntry, settings: ExtractSettings):
+    """Runs in a worker: decode + preprocess one video, or say why it cannot be used."""
+    try:
+        vc = read_clips(entry.path, settings.sampling, settings.preprocess, settings.views,
+                        view_seed(entry.id, settings.seed), settings.flip)
+        return vc.clips, vc.indices, vc.n_frames, ""
+    except VideoError as e:
+        return None, None, 0, e.reason
+    except Exception as e:  # noqa: BLE001 - a decoder crash on one file must not stop the run
+        return None, None, 0, f"{type(e).__name__}: {e}"
+
+
+class _Reader:
+    """Ordered, bounded-lookahead decoding in worker processes (inline when workers == 0)."""
+
+    def __init__(self, workers: int, settings: ExtractSettings, lookahead: int = 4):
+        self.settings = settings
+        self.pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
+        self.window = max(1, workers) * lookahead
+
+    def map(self, entries):
+        if self.pool is None:
+            for e in entries:
+                yield e, _read(e, self.settings)
+            return
+        pending, it = deque(), iter(entries)
+        for e in it:
+            pending.append((e, self.pool.apply_async(_read, (e, self.settings))))
+            if len(pending) >= self.window:
+                break
+        while pending:
+            e, res = pending.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, self.pool.apply_async(_read, (nxt, self.settings))))
+            yield e, res.get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+class _Forward:
+    """Batched backbone forward returning float32 maps on the CPU."""
+
+    def __init__(self, model: MFNet3D, device: torch.device, settings: ExtractSettings, channels_last: bool):
+        self.model = model.to(device)
+        self.device = device
+        self.layer = settings.layer
+        self.amp = PRECISIONS[settings.precision]
+        self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model = self.model.to(memory_format=self.memory_format)
+
+    @torch.inference_mode()
+    def __call__(self, clips: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(clips)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            y = self.model.forward_features(x, self.layer)
+        return y.float().contiguous().cpu().numpy()
+
+
+def _compute_part(group, reader, forward, batch_size, bar):
+    """Features for one part: videos' clips batched across videos, batches confined to the part."""
+    results, queue, outputs = [], [], []
+
+    def run(n):
+        batch = np.concatenate([c for c in queue[:n]])
+        del queue[:n]
+        outputs.append(forward(batch))
+
+    for (entry, order), (_, (clips, indices, n_frames, reason)) in zip(group, reader.map([e for e, _ in group])):
+        r = VideoResult(entry.id, entry.class_name, entry.part, entry.label, order, n_frames=n_frames)
+        if clips is None:
+            r.status, r.reason = "failed", reason
+        else:
+            v, c = clips.shape[:2]
+            r.n_views, r.frame_indices = v, indices
+            flat = clips.reshape(v * c, *clips.shape[2:])  # (views*clips, 3, F, H, W), view-major
+            queue.extend(flat[i:i + 1] for i in range(len(flat)))
+            while len(queue) >= batch_size:
+                run(batch_size)
+        results.append((r, len(flat) if clips is not None else 0))
+        bar.update(1)
+    if queue:
+        run(len(queue))
+    maps = np.concatenate(outputs) if outputs else None
+    pos = 0
+    for r, n in results:
+        if n:
+            r.maps = maps[pos:pos + n]
+            r.pooled = r.maps.reshape(n, r.maps.shape[1], -1).mean(-1)
+            pos += n
+    return [r for r, _ in results]
+
+
+def extract(entries: list[VideoEntry], out, settings: ExtractSettings, model: MFNet3D, model_info: dict, *,
+            batch_size: int = 8, workers: int = 1, device: str = "auto", shard: str | None = None,
+            part_size: int = 32, overwrite: bool = False, channels_last: bool = False,
+            progress: bool = True, extra_provenance: dict | None = None) -> dict:
+    """Extract `entries` into `out` (or this shard's file). Returns a summary dict."""
+    from tqdm import tqdm
+
+    i, n = parse_shard(shard)
+    target = shard_path(Path(out), i, n)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    wanted = settings.as_dict()
+    parts_dir = target.with_name(target.name + ".parts")
+    if target.exists():
+        have = read_settings(target)
+        if have == wanted and not overwrite:
+            return dict(path=str(target), status="up to date", videos=len(entries))
+        if not overwrite:
+            raise CacheMismatch(_mismatch(target, have, wanted))
+        target.unlink()
+    if parts_dir.exists():
+        have = json.loads((parts_dir / "settings.json").read_text()) if (parts_dir / "settings.json").exists() else None
+        if overwrite or have is None:
+            shutil.rmtree(parts_dir)
+        elif have != wanted:
+            raise CacheMismatch(_mismatch(parts_dir, have, wanted))
+    parts_dir.mkdir(exist_ok=True)
+    (parts_dir / "settings.json").write_text(json.dumps(wanted, sort_keys=True))
+
+    indexed = list(zip(entries, range(len(entries))))
+    groups = [indexed[k:k + part_size] for k in range(0, len(indexed), part_size)]
+    mine = [k for k in range(len(groups)) if k % n == i]
+    todo = [k for k in mine if not (parts_dir / f"part-{k:06d}.h5").exists()]
+    provenance = dict(model_info, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      torch=torch.__version__, h5py=h5py.__version__, numpy=np.__version__,
+                      opencv=__import__("cv2").__version__, python=platform.python_version(),
+                      shard=f"{i}/{n}", **(extra_provenance or {}))
+    dev = pick_device(device)
+    forward = _Forward(model, dev, settings, channels_last)
+    frames = settings.sampling.frames
+    with torch.inference_mode():
+        map_shape = forward(np.zeros((1, 3, frames, settings.preprocess.crop, settings.preprocess.crop),
+                                     np.float32)).shape[1:]
+    total = sum(len(groups[k]) for k in todo)
+    reader = _Reader(workers, settings)
+    t0 = time.perf_counter()
+    clips_done = failed = 0
+    bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")
+    try:
+        for k in todo:
+            results = _compute_part(groups[k], reader, forward, batch_size, bar)
+            clips_done += sum(0 if r.maps is None else len(r.maps) for r in results)
+            failed += sum(r.status != "ok" for r in results)
+            tmp = parts_dir / f"part-{k:06d}.h5.tmp"
+            w = StoreWriter(tmp, wanted, provenance, map_shape, frames)
+            for r in results:
+                w.add(r)
+            w.close()
+            os.replace(tmp, parts_dir / f"part-{k:06d}.h5")
+            bar.set_postfix(clips_s=f"{clips_done / (time.perf_counter() - t0):.1f}", failed=failed)
+    finally:
+        bar.close()
+        reader.close()
+    seconds = time.perf_counter() - t0
+    expect = [o for k in mine for _, o in groups[k]]
+    count = merge([parts_dir / f"part-{k:06d}.h5" for k in mine], target, wanted, expect)
+    shutil.rmtree(parts_dir)
+    with h5py.File(target, "r") as f:
+        status = f["videos/status"].asstr()[:]
+        reasons = f["videos/reason"].asstr()[:]
+        ids = f["videos/id"].asstr()[:]
+        rows = f["features"].shape[0]
+    failures = [(ids[j], reasons[j]) for j in np.flatnonzero(status != "ok")]
+    return dict(path=str(target), status="written", videos=count, resumed_parts=len(mine) - len(todo),
+                clips=int(rows), computed_clips=clips_done, seconds=seconds,
+                clips_per_s=clips_done / seconds if seconds > 0 else 0.0,
+                bytes=target.stat().st_size, failures=failures)
+
+
+def _mismatch(path, have, wanted) -> str:
+    if have is None:
+        return f"{path} exists but is not a feature cache made by this tool; use --overwrite to replace it"
+    diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+    detail = "; ".join(f"{k}: cache {have.get(k)!r} vs asked {wanted.get(k)!r}" for k in diff)
+    return f"{path} was made with other settings ({detail}); use --overwrite to replace it or choose another --out"

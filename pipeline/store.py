@@ -1,0 +1,232 @@
+"""The HDF5 feature cache: clip feature maps, pooled vectors, a per-video table and provenance.
+
+Layout (every name readable with plain h5py or `h5ls -r`):
+
+  /features              (n_rows, 768, 8, 4, 4) float16|float32, one row per chunk, optional lzf/gzip
+  /pooled                (n_rows, 768) float32, spatio-temporal mean of each row's map
+  /clips/video           (n_rows,) int32   index into /videos of the row's video
+  /clips/view            (n_rows,) int16   0 = center crop, >= 1 = seeded random crop (+ flip)
+  /clips/clip            (n_rows,) int16   position of the clip in its video (temporal order)
+  /clips/frame_indices   (n_rows, F) int32 decoded frame indices the clip was built from
+  /videos/{id, class_name, part, status, reason}   strings, one per video ("Class/stem", ...)
+  /videos/{label, order, first_row, n_clips, n_views, n_frames}   integers
+  attrs: settings (JSON of everything that determines the features), settings_hash, provenance
+         (JSON: weights sha256, library versions, creation time, ...), format_version
+
+Rows of one video are contiguous, view-major: row first_row + view * n_clips + clip. A failed video
+has status "failed", a reason, and no rows. `order` is the video's position in the full,
+unsharded video list, so shards and parts merge back into one canonical order.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FORMAT_VERSION = 1
+STR = h5py.string_dtype("utf-8")
+VIDEO_STR = ("id", "class_name", "part", "status", "reason")
+VIDEO_INT = ("label", "order", "first_row", "n_clips", "n_views", "n_frames")
+COMPRESSION = {"none": {}, "lzf": {"compression": "lzf", "shuffle": True},
+               "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}}
+
+
+class CacheMismatch(Exception):
+    """A cache file made with other settings than the ones asked for."""
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class VideoResult:
+    """One extracted (or failed) video, ready to be written."""
+
+    id: str
+    class_name: str
+    part: str
+    label: int
+    order: int
+    maps: np.ndarray | None = None       # (views * clips, 768, T', H', W')
+    pooled: np.ndarray | None = None     # (views * clips, 768)
+    frame_indices: np.ndarray | None = None  # (clips, F)
+    n_views: int = 0
+    n_frames: int = 0
+    status: str = "ok"
+    reason: str = ""
+
+
+class StoreWriter:
+    """Creates a cache file and appends videos to it (used for parts, shards and merges alike)."""
+
+    def __init__(self, path, settings: dict, provenance: dict, map_shape, frames: int):
+        self.path = Path(path)
+        self.f = h5py.File(self.path, "w")
+        dtype = np.dtype(settings["dtype"])
+        comp = COMPRESSION[settings["compression"]]
+        self.f.create_dataset("features", (0, *map_shape), dtype, maxshape=(None, *map_shape),
+                              chunks=(1, *map_shape), **comp)
+        self.f.create_dataset("pooled", (0, map_shape[0]), np.float32, maxshape=(None, map_shape[0]),
+                              chunks=(256, map_shape[0]))
+        for name, dt, shape in (("video", np.int32, ()), ("view", np.int16, ()), ("clip", np.int16, ()),
+                                ("frame_indices", np.int32, (frames,))):
+            self.f.create_dataset(f"clips/{name}", (0, *shape), dt, maxshape=(None, *shape), chunks=True)
+        for name in VIDEO_STR:
+            self.f.create_dataset(f"videos/{name}", (0,), STR, maxshape=(None,), chunks=True)
+        for name in VIDEO_INT:
+            self.f.create_dataset(f"videos/{name}", (0,), np.int64, maxshape=(None,), chunks=True)
+        self.f.attrs["format_version"] = FORMAT_VERSION
+        self.f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+        self.f.attrs["settings_hash"] = settings_hash(settings)
+        self.f.attrs["provenance"] = json.dumps(provenance, sort_keys=True)
+        self.rows = 0
+        self.videos = 0
+
+    @staticmethod
+    def _append(ds, values) -> None:
+        values = np.asarray(values)
+        n = ds.shape[0]
+        ds.resize(n + len(values), axis=0)
+        ds[n:] = values
+
+    def add(self, v: VideoResult) -> None:
+        rows = 0 if v.maps is None else len(v.maps)
+        clips = 0 if rows == 0 else rows // v.n_views
+        if rows:
+            self._append(self.f["features"], v.maps.astype(self.f["features"].dtype, copy=False))
+            self._append(self.f["pooled"], v.pooled.astype(np.float32, copy=False))
+            self._append(self.f["clips/video"], np.full(rows, self.videos))
+            self._append(self.f["clips/view"], np.repeat(np.arange(v.n_views), clips))
+            self._append(self.f["clips/clip"], np.tile(np.arange(clips), v.n_views))
+            self._append(self.f["clips/frame_indices"], np.tile(v.frame_indices, (v.n_views, 1)))
+        for name in VIDEO_STR:
+            self._append(self.f[f"videos/{name}"], np.array([getattr(v, name)], dtype=object))
+        ints = dict(label=v.label, order=v.order, first_row=self.rows, n_clips=clips, n_views=v.n_views,
+                    n_frames=v.n_frames)
+        for name in VIDEO_INT:
+            self._append(self.f[f"videos/{name}"], [ints[name]])
+        self.rows += rows
+        self.videos += 1
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class FeatureStore:
+    """Read access to a finished cache. The video table is loaded into memory; maps stay on disk."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"feature cache {self.path} does not exist (run `pipeline extract`)")
+        try:
+            self.f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise CacheMismatch(f"feature cache {self.path}: not a readable HDF5 file ({e})") from e
+        if self.f.attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheMismatch(f"feature cache {self.path}: format version {self.f.attrs.get('format_version')}, "
+                                f"this code reads {FORMAT_VERSION}")
+        self.settings = json.loads(self.f.attrs["settings"])
+        self.settings_hash = self.f.attrs["settings_hash"]
+        self.provenance = json.loads(self.f.attrs["provenance"])
+        self.videos = {name: self.f[f"videos/{name}"].asstr()[:] for name in VIDEO_STR}
+        self.videos.update({name: self.f[f"videos/{name}"][:] for name in VIDEO_INT})
+
+    def __len__(self) -> int:
+        return len(self.videos["id"])
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def ok(self) -> np.ndarray:
+        return np.flatnonzero(self.videos["status"] == "ok")
+
+    def rows(self, video: int, view: int = 0) -> np.ndarray:
+        """Row numbers of one video's clips for one view, in temporal order."""
+        first, n = self.videos["first_row"][video], self.videos["n_clips"][video]
+        return np.arange(first + view * n, first + (view + 1) * n)
+
+    def pooled_sequences(self, videos, view=0) -> np.ndarray:
+        """(len(videos), clips, 768) float32, for videos that all have the same clip count."""
+        pooled = self.f["pooled"]
+        return np.stack([pooled[self.rows(v, view)[0]:self.rows(v, view)[-1] + 1] for v in videos])
+
+    def failures(self) -> list[tuple[str, str]]:
+        bad = np.flatnonzero(self.videos["status"] != "ok")
+        return [(self.videos["id"][i], self.videos["reason"][i]) for i in bad]
+
+
+def read_settings(path) -> dict | None:
+    try:
+        with h5py.File(path, "r") as f:
+            return json.loads(f.attrs["settings"])
+    except (OSError, KeyError):
+        return None
+
+
+def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
+    """Join cache files (parts or shards) into `out`, videos sorted by `order`; written to a
+    temporary name and renamed, so `out` is either absent or complete. Returns the video count.
+
+    All inputs must share the same settings; every video must appear exactly once, and with
+    `expect_orders`, exactly those videos.
+    """
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise ValueError("merge: no input files")
+    stores = [FeatureStore(p) for p in inputs]
+    try:
+        ref = settings if settings is not None else stores[0].settings
+        for s in stores:
+            if s.settings != ref:
+                diff = sorted(k for k in set(ref) | set(s.settings) if ref.get(k) != s.settings.get(k))
+                raise CacheMismatch(f"{s.path} was made with other settings (differs in: {', '.join(diff)})")
+        where = {}
+        for si, s in enumerate(stores):
+            for vi, o in enumerate(s.videos["order"]):
+                if o in where:
+                    other = stores[where[o][0]].path
+                    raise CacheMismatch(f"video {s.videos['id'][vi]} is in both {other} and {s.path}")
+                where[o] = (si, vi)
+        if expect_orders is not None:
+            missing = sorted(set(expect_orders) - set(where))
+            if missing:
+                raise CacheMismatch(f"merge: {len(missing)} video(s) missing from the inputs (orders {missing[:5]}...)")
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        first = stores[0]
+        writer = StoreWriter(tmp, ref, first.provenance, first.f["features"].shape[1:],
+                             first.f["clips/frame_indices"].shape[1])
+        try:
+            for o in sorted(where):
+                si, vi = where[o]
+                s = stores[si]
+                r = s.videos["first_row"][vi]
+                n = s.videos["n_clips"][vi] * s.videos["n_views"][vi]
+                v = VideoResult(**{k: s.videos[k][vi] for k in ("id", "class_name", "part", "status", "reason")},
+                                label=int(s.videos["label"][vi]), order=int(o), n_views=int(s.videos["n_views"][vi]),
+                                n_frames=int(s.videos["n_frames"][vi]))
+                if n:
+                    v.maps = s.f["features"][r:r + n]
+                    v.pooled = s.f["pooled"][r:r + n]
+                    v.frame_indices = s.f["clips/frame_indices"][r:r + s.videos["n_clips"][vi]]
+                writer.add(v)
+        finally:
+            writer.close()
+        os.replace(tmp, out)
+        return len(where)
+    finally:
+        for s in stores:
+            s.close()
