@@ -124,5 +124,77 @@ def merge_cmd(shards: List[Path] = typer.Argument(..., help="Shard files written
     typer.echo(f"{out}: {n} videos from {len(shards)} shard(s)")
 
 
+@app.command()
+def heads():
+    """List the registered heads and what each consumes from the cache."""
+    from . import heads as registry
+    for name, cls in sorted(registry.HEADS.items()):
+        doc = " ".join((cls.__doc__ or "").split()).split(". ")[0]
+        typer.echo(f"{name:6s} {cls.kind:9s} reads {cls.consumes:6s}  {doc}")
+
+
+@app.command()
+def train(cache: Path = typer.Option(..., help="Feature cache written by `pipeline extract`."),
+          out: Path = typer.Option(..., help="Run folder: best.pt, last.pt, curve.csv/json."),
+          head: str = typer.Option("lstm", help="Head name (see `pipeline heads`)."),
+          hidden: int = typer.Option(512, help="lstm: hidden units."),
+          loss: str = typer.Option("circle", help="circle | ce | mse (mse: relation heads)."),
+          gamma: float = typer.Option(128.0, help="circle: scale factor gamma."),
+          margin: float = typer.Option(0.4, help="circle: relaxation margin m."),
+          scale: float = typer.Option(10.0, help="ce: scale of the cosine logits."),
+          optimizer: str = typer.Option("head", help="head (Adam, for cached features) | paper (SGD 1e-5)."),
+          lr: Optional[float] = typer.Option(None, help="Learning rate (default: the preset's)."),
+          episodes: Optional[int] = typer.Option(None, help="Training episodes (default: the preset's)."),
+          n_way: int = typer.Option(5, help="Classes per episode (N)."),
+          k_shot: int = typer.Option(1, help="Support videos per class (K)."),
+          q_query: int = typer.Option(1, help="Training queries per class."),
+          val_every: int = typer.Option(250, help="Validate every this many episodes."),
+          val_episodes: int = typer.Option(300, help="Fixed validation episodes."),
+          seed: int = typer.Option(0, help="Seed of initialisation and episode sampling.")):
+    """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
+    from .trainer import TrainConfig, TrainingError, train as run_train
+    from .episodes import EpisodeError
+    from .features import FeatureError
+    try:
+        if loss == "mse" and not head.startswith("rvn"):
+            raise ValueError("train.loss mse is for relation heads (rvn*); embedding heads use circle or ce")
+        cfg = TrainConfig(head, hidden, loss, gamma, margin, scale, optimizer, lr, episodes, n_way, k_shot, q_query,
+                          val_every, val_episodes, 15, seed)
+        r = run_train(cache, out, cfg, log=typer.echo)
+    except (ValueError, TrainingError, EpisodeError, FeatureError, FileNotFoundError) as e:
+        fail(str(e))
+    typer.echo(f"{out}: best validation accuracy {100 * r['best_val']:.2f}% after {r['episodes']} episodes "
+               f"({r['seconds']:.1f} s); checkpoint {out / 'best.pt'}")
+
+
+@app.command("eval")
+def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="One or more best.pt checkpoints (several: a comparison table)."),
+             cache: Path = typer.Option(..., help="Feature cache the heads were trained on."),
+             metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write (one checkpoint) or a folder (several)."),
+             n_way: int = typer.Option(5, help="N-way."),
+             k_shot: int = typer.Option(1, help="K-shot."),
+             q_query: int = typer.Option(15, help="Queries per class."),
+             episodes: int = typer.Option(600, help="Episodes per run."),
+             runs: int = typer.Option(10, help="Runs."),
+             seed: int = typer.Option(0, help="Seed of the fixed test episodes."),
+             part: str = typer.Option("test", help="test | val.")):
+    """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
+    from .episodes import EpisodeError
+    from .evaluate import evaluate, table, write_metrics
+    from .features import FeatureError
+    from .store import CacheMismatch
+    try:
+        results, _ = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part)
+    except (CacheMismatch, EpisodeError, FeatureError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    typer.echo(table(results))
+    if metrics:
+        if len(results) == 1:
+            write_metrics(metrics, results[0])
+        else:
+            for r, c in zip(results, checkpoints):
+                write_metrics(metrics / f"{c.parent.name}.json", r)
+
+
 def main():
     app()

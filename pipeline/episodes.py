@@ -1,0 +1,70 @@
+"""N-way K-shot episodes: drawn fresh for training, a fixed file of video ids for val and test."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+class EpisodeError(Exception):
+    pass
+
+
+class EpisodeSampler:
+    """Draws (N classes, K support + Q query videos per class) from `videos_by_class`
+    (class name -> array of video indices), with the Generator passed in."""
+
+    def __init__(self, videos_by_class: dict[str, np.ndarray], n_way: int, k_shot: int, q_query: int):
+        need = k_shot + q_query
+        small = [(c, len(v)) for c, v in videos_by_class.items() if len(v) < need]
+        if small:
+            names = ", ".join(f"{c} ({n} videos)" for c, n in small[:5])
+            raise EpisodeError(f"{len(small)} class(es) have fewer than K+Q = {need} videos: {names}")
+        if len(videos_by_class) < n_way:
+            raise EpisodeError(f"{n_way}-way episodes need {n_way} classes, the split has {len(videos_by_class)}")
+        self.classes = sorted(videos_by_class)
+        self.videos = {c: np.asarray(videos_by_class[c]) for c in self.classes}
+        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        """(N, K + Q) video indices: row c is class c of the episode, support first."""
+        picked = rng.choice(len(self.classes), self.n_way, replace=False)
+        return np.stack([rng.choice(self.videos[self.classes[c]], self.k_shot + self.q_query, replace=False)
+                         for c in picked])
+
+
+def episode_file(cache: Path, part: str, n_way: int, k_shot: int, q_query: int, count: int, seed: int) -> Path:
+    cache = Path(cache)
+    return cache.with_name(cache.stem + ".episodes") / f"{part}-{n_way}w{k_shot}s{q_query}q-{count}-seed{seed}.npz"
+
+
+def fixed_episodes(cache: Path, ids: np.ndarray, videos_by_class: dict, part: str, n_way: int, k_shot: int,
+                   q_query: int, count: int, seed: int) -> np.ndarray:
+    """The fixed episode list for (part, N, K, Q, count, seed): (count, N, K+Q) indices into `ids`.
+
+    Generated once and saved beside the cache as video ids; every later call (any head, any run)
+    reads the same file, so all methods are scored on the very same episodes.
+    """
+    path = episode_file(cache, part, n_way, k_shot, q_query, count, seed)
+    pos = {v: i for i, v in enumerate(ids)}
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            names, eps = z["ids"], z["episodes"]
+        missing = [n for n in names if n not in pos]
+        if missing:
+            raise EpisodeError(f"{path} names {len(missing)} video(s) not in the cache (e.g. {missing[0]}); "
+                               "it belongs to another cache")
+        return np.vectorize(lambda i: pos[names[i]])(eps) if eps.size else eps
+    sampler = EpisodeSampler(videos_by_class, n_way, k_shot, q_query)
+    rng = np.random.default_rng(seed)
+    eps = np.stack([sampler.sample(rng) for _ in range(count)])
+    used = np.unique(eps)
+    local = np.searchsorted(used, eps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, ids=np.array([ids[u] for u in used]), episodes=local.astype(np.int32),
+                        meta=json.dumps(dict(part=part, n_way=n_way, k_shot=k_shot, q_query=q_query, count=count,
+                                             seed=seed)))
+    tmp.replace(path)
+    return eps

@@ -1,0 +1,35 @@
+"""Losses over episode similarities: circle loss (the paper, eq. 12), cross-entropy, MSE (relation)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def circle_loss(s_p: torch.Tensor, s_n: torch.Tensor, gamma: float = 128.0, m: float = 0.4) -> torch.Tensor:
+    """Circle loss (Sun et al. 2020) with O_p = 1 + m, O_n = -m, Delta_p = 1 - m, Delta_n = m.
+
+    s_p: (B, L) positive similarities, s_n: (B, M) negative ones; returns the mean over the B rows of
+    softplus(logsumexp_j gamma a_n (s_n - Delta_n) + logsumexp_i -gamma a_p (s_p - Delta_p)),
+    i.e. log(1 + sum_ij exp(...)) computed without overflow. The weights a_p = [O_p - s_p]+ and
+    a_n = [s_n - O_n]+ are constants (detached), as in the paper's gradients (eq. 14-15).
+    """
+    a_p = torch.clamp_min(1 + m - s_p.detach(), 0)
+    a_n = torch.clamp_min(s_n.detach() + m, 0)
+    logit_p = -gamma * a_p * (s_p - (1 - m))
+    logit_n = gamma * a_n * (s_n - m)
+    return F.softplus(torch.logsumexp(logit_n, 1) + torch.logsumexp(logit_p, 1)).mean()
+
+
+def episode_loss(name: str, sims: torch.Tensor, target: torch.Tensor, gamma: float, m: float, scale: float):
+    """sims: (n_query, N) query-to-class scores; target: (n_query,) class positions."""
+    if name == "circle":
+        pos = F.one_hot(target, sims.shape[1]).bool()
+        return circle_loss(sims[pos].view(-1, 1), sims[~pos].view(len(sims), -1), gamma, m)
+    if name == "ce":
+        return F.cross_entropy(scale * sims, target)
+    if name == "mse":  # relation networks regress the score to the one-hot target
+        return F.mse_loss(sims, F.one_hot(target, sims.shape[1]).float())
+    raise ValueError(f"unknown loss {name!r} (circle, ce, mse)")
+
+
+LOSSES = ("circle", "ce", "mse")
