@@ -1,0 +1,147 @@
+"""Stage-one benchmark: MFNet cost and throughput on this machine, end-to-end extraction on the demo.
+
+    python bench/extract.py [--videos 96] [--demo data/demo]
+
+Prints: MACs per clip, forward-only clips/s (fp32, channels-last, bf16) with achieved GFLOP/s, the
+machine's dense conv3d GFLOP/s, end-to-end `pipeline extract` clips/s (fp32 and bf16), the cosine
+similarity of bf16 vs fp32 pooled features, and (if cache/demo.h5 exists) the nearest-prototype
+accuracy of mean-pooled vs concatenated clip features of the random network on the demo test classes.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.backbones.mfnet import random_mfnet  # noqa: E402
+from pipeline.datasets import load_split, resolve  # noqa: E402
+from pipeline.extract import ExtractSettings, extract, load_backbone  # noqa: E402
+from pipeline.store import FeatureStore  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def macs_per_clip(model, shape=(1, 3, 16, 112, 112)) -> int:
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        if isinstance(m, torch.nn.Conv3d):
+            total += out.numel() * (m.in_channels // m.groups) * int(np.prod(m.kernel_size))
+        elif isinstance(m, torch.nn.Linear):
+            total += m.in_features * m.out_features
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.Linear))]
+    with torch.inference_mode():
+        model(torch.zeros(shape))
+    for h in hs:
+        h.remove()
+    return total
+
+
+def rate(fn, items, warm=1, reps=3) -> float:
+    for _ in range(warm):
+        fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return items * reps / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--videos", type=int, default=96)
+    ap.add_argument("--demo", default="data/demo")
+    ap.add_argument("--batch", type=int, default=8)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model = random_mfnet(0).eval()
+    macs = macs_per_clip(model)
+    print(f"threads: {torch.get_num_threads()}")
+    print(f"MFNet MACs per clip (16x112x112): {macs / 1e9:.2f} GMAC ({2 * macs / 1e9:.2f} GFLOP)")
+    x = torch.randn(a.batch, 3, 16, 112, 112)
+    rows = []
+    with torch.inference_mode():
+        for name, cl, dt in (("fp32", False, None), ("fp32 channels-last", True, None),
+                             ("bf16 channels-last", True, torch.bfloat16)):
+            m = model.to(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+            xi = x.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+
+            def f():
+                with torch.autocast("cpu", dtype=dt, enabled=dt is not None):
+                    m.forward_features(xi)
+            r = rate(f, a.batch)
+            rows.append((name, r))
+            print(f"forward only, batch {a.batch}, {name:20s}: {r:6.1f} clips/s = {2 * macs * r / 1e9:6.1f} GFLOP/s")
+        conv = torch.nn.Conv3d(256, 256, 3, padding=1).eval()
+        xc = torch.randn(8, 256, 8, 14, 14)
+        conv_macs = 8 * 256 * 8 * 14 * 14 * 256 * 27
+        for name, cl, dt in (("fp32", True, None), ("bf16", True, torch.bfloat16)):
+            cm = conv.to(memory_format=torch.channels_last_3d)
+            xi = xc.contiguous(memory_format=torch.channels_last_3d)
+
+            def g():
+                with torch.autocast("cpu", dtype=dt, enabled=dt is not None):
+                    cm(xi)
+            peak = 2 * conv_macs * rate(g, 1) / 1e9
+            best = max(r for n, r in rows if n.startswith(name))
+            print(f"dense conv3d 256->256 3x3x3 ({name}): {peak:6.1f} GFLOP/s; MFNet reaches "
+                  f"{2 * macs * best / 1e9 / peak:.0%} of it")
+    split = load_split(Path(a.demo) / "splits")
+    entries, _ = resolve(split, a.demo)
+    entries = entries[:: max(1, len(entries) // a.videos)][: a.videos]
+    tmp = Path(tempfile.mkdtemp())
+    pooled = {}
+    for prec in ("fp32", "bf16"):
+        mdl, info = load_backbone(None, 0)
+        s = ExtractSettings(precision=prec)
+        r = extract(entries, tmp / f"{prec}.h5", s, mdl, info, batch_size=a.batch, workers=1, channels_last=True,
+                    progress=False)
+        print(f"end-to-end extract, {len(entries)} demo videos, {prec}: {r['clips_per_s']:.1f} clips/s "
+              f"({r['computed_clips']} clips in {r['seconds']:.1f} s), {r['bytes'] / r['clips'] / 1e3:.1f} KB per clip")
+        with FeatureStore(tmp / f"{prec}.h5") as st:
+            pooled[prec] = st.f["pooled"][:]
+            raw = st.f["features"].id.get_storage_size() if hasattr(st.f["features"].id, "get_storage_size") else 0
+            nbytes = st.f["features"].size * st.f["features"].dtype.itemsize
+            if raw:
+                print(f"  maps: {nbytes / st.f['features'].shape[0] / 1e3:.1f} KB/clip raw float16, "
+                      f"{raw / st.f['features'].shape[0] / 1e3:.1f} KB/clip lzf (ratio {nbytes / raw:.2f})")
+    a32, b16 = pooled["fp32"], pooled["bf16"]
+    cos = (a32 * b16).sum(1) / (np.linalg.norm(a32, axis=1) * np.linalg.norm(b16, axis=1))
+    print(f"bf16 vs fp32 pooled features: cosine min {cos.min():.5f}, mean {cos.mean():.5f}")
+    shutil.rmtree(tmp)
+    demo_cache = Path("cache/demo.h5")
+    if demo_cache.exists():
+        with FeatureStore(demo_cache) as st:
+            sel = np.flatnonzero(st.videos["part"] == "test")
+            seq = st.pooled_sequences(sel)                        # (n, T, 768)
+            labels = st.videos["class_name"][sel]
+        for name, feat in (("mean-pooled", seq.mean(1)), ("concatenated clips", seq.reshape(len(seq), -1))):
+            print(f"random-init MFNet, demo test classes, leave-one-out nearest prototype ({name}): "
+                  f"{nearest_prototype(feat, labels):.1%}")
+
+
+def nearest_prototype(x, labels) -> float:
+    """Leave-one-out: each video against the cosine prototypes of all classes (its own without it)."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    classes = np.unique(labels)
+    correct = 0
+    for i in range(len(x)):
+        protos = []
+        for c in classes:
+            m = (labels == c) & (np.arange(len(x)) != i)
+            p = x[m].mean(0)
+            protos.append(p / np.linalg.norm(p))
+        correct += classes[np.argmax(np.stack(protos) @ x[i])] == labels[i]
+    return correct / len(x)
+
+
+if __name__ == "__main__":
+    main()

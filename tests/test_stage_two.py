@@ -1,0 +1,136 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline import heads
+from pipeline.episodes import EpisodeError, EpisodeSampler, episode_file, fixed_episodes
+from pipeline.evaluate import evaluate
+from pipeline.store import CacheMismatch
+from pipeline.trainer import TrainConfig, TrainingError, train
+
+from cachegen import order_cache, write_cache
+
+
+def test_sampler_invariants_and_determinism():
+    videos = {c: np.arange(10 * i, 10 * i + 10) for i, c in enumerate("abcdefg")}
+    s = EpisodeSampler(videos, n_way=5, k_shot=2, q_query=3)
+    ep = s.sample(np.random.default_rng(0))
+    assert ep.shape == (5, 5)
+    assert len(set(ep[:, :2].ravel()) & set(ep[:, 2:].ravel())) == 0      # support and query disjoint
+    assert len(set(ep.ravel())) == 25
+    assert len({v // 10 for v in ep[:, 0]}) == 5                            # 5 different classes
+    assert all(len({v // 10 for v in row}) == 1 for row in ep)             # each row one class
+    assert np.array_equal(ep, s.sample(np.random.default_rng(0)))
+
+
+def test_class_with_too_few_videos_is_named():
+    with pytest.raises(EpisodeError, match=r"K\+Q = 16 videos: small \(3 videos\)"):
+        EpisodeSampler({"small": np.arange(3), "big": np.arange(30)}, 2, 1, 15)
+
+
+def test_fixed_episode_file_is_stable(tmp_path):
+    ids = np.array([f"c{i // 20}/v{i}" for i in range(120)])
+    by_class = {f"c{k}": np.arange(20 * k, 20 * k + 20) for k in range(6)}
+    a = fixed_episodes(tmp_path / "x.h5", ids, by_class, "test", 5, 1, 15, 30, 0)
+    path = episode_file(tmp_path / "x.h5", "test", 5, 1, 15, 30, 0)
+    assert path.exists() and a.shape == (30, 5, 16)
+    # read back through a different id order: same videos, whatever their position
+    perm = np.random.default_rng(1).permutation(120)
+    b = fixed_episodes(tmp_path / "x.h5", ids[perm], {}, "test", 5, 1, 15, 30, 0)
+    assert np.array_equal(ids[perm][b], ids[a])
+    with pytest.raises(EpisodeError, match="another cache"):
+        fixed_episodes(tmp_path / "x.h5", ids[:50], {}, "test", 5, 1, 15, 30, 0)
+
+
+def test_head_shapes_and_rvn_split_equals_concatenation():
+    x = torch.randn(4, 3, 768)
+    assert heads.build("lstm", hidden=64)(x).shape == (4, 64)
+    assert torch.allclose(heads.build("mean")(x), x.mean(1))
+    for name in ("rvn1", "rvn2", "rvn3"):
+        h = heads.build(name).eval()
+        s, q = torch.randn(5, 768, 8, 4, 4), torch.randn(7, 768, 8, 4, 4)
+        out = h(s, q)
+        assert out.shape == (7, 5) and ((out > 0) & (out < 1)).all()
+        assert torch.allclose(out, h.naive(s, q), atol=1e-5)
+    assert sorted(heads.HEADS) == ["lstm", "mean", "rvn1", "rvn2", "rvn3"]
+
+
+FAST = dict(n_way=2, k_shot=1, q_query=2, val_every=100, val_episodes=40, val_query=5, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return order_cache(tmp_path_factory.mktemp("c") / "order.h5")
+
+
+def test_lstm_separates_order_only_classes_and_mean_cannot(cache, tmp_path):
+    r = train(cache, tmp_path / "lstm", TrainConfig(head="lstm", hidden=64, episodes=300, **FAST), progress=False)
+    train(cache, tmp_path / "mean", TrainConfig(head="mean", **FAST), progress=False)
+    res, _ = evaluate([tmp_path / "lstm/best.pt", tmp_path / "mean/best.pt"], cache, n_way=2, k_shot=1, q_query=5,
+                      episodes=50, runs=2)
+    lstm, mean = res
+    assert r["best_val"] > 0.9
+    assert lstm["accuracy"] > 0.9
+    assert abs(mean["accuracy"] - 0.5) < 0.15          # the two classes have the same mean
+    assert mean["vs_best"]["diff"] < -0.3 and lstm["vs_best"] is None
+
+
+def test_training_lowers_the_loss_and_is_deterministic(cache, tmp_path):
+    cfg = TrainConfig(head="lstm", hidden=32, episodes=200, **FAST)
+    train(cache, tmp_path / "a", cfg, progress=False)
+    train(cache, tmp_path / "b", cfg, progress=False)
+    curve = __import__("json").loads((tmp_path / "a/curve.json").read_text())
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    a, b = torch.load(tmp_path / "a/best.pt"), torch.load(tmp_path / "b/best.pt")
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert (tmp_path / "a/curve.csv").read_text().startswith("episode,loss,val_accuracy")
+
+
+def test_interrupted_training_resumes_to_the_same_result(cache, tmp_path, monkeypatch):
+    cfg = TrainConfig(head="lstm", hidden=32, episodes=300, **FAST)
+    train(cache, tmp_path / "full", cfg, progress=False)
+    import pipeline.trainer as tr
+    real, calls = tr.validate, []
+
+    def stop_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "validate", stop_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(cache, tmp_path / "cut", cfg, progress=False)
+    monkeypatch.setattr(tr, "validate", real)
+    assert torch.load(tmp_path / "cut/last.pt", weights_only=False)["episode"] == 100
+    train(cache, tmp_path / "cut", cfg, progress=False)
+    a = torch.load(tmp_path / "full/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut/last.pt", weights_only=False)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["curve"] == b["curve"]
+
+
+def test_rvn_trains_with_mse(cache, tmp_path):
+    r = train(cache, tmp_path / "rvn", TrainConfig(head="rvn3", loss="mse", episodes=100, **FAST), progress=False)
+    assert 0 <= r["best_val"] <= 1 and (tmp_path / "rvn/best.pt").exists()
+
+
+def test_nan_loss_stops_with_the_episode_named(tmp_path):
+    x = np.random.default_rng(0).normal(size=(6, 4, 3, 768)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    path = write_cache(tmp_path / "nan.h5", {f"c{i}": x[i] for i in range(6)},
+                       {"c0": "train", "c1": "train", "c2": "val", "c3": "val", "c4": "test", "c5": "test"})
+    with pytest.raises(TrainingError, match=r"episode \d+: loss is nan"):
+        train(path, tmp_path / "run", TrainConfig(head="lstm", hidden=8, episodes=200, n_way=2, k_shot=1, q_query=1,
+                                                  val_every=100, val_episodes=5, val_query=2), progress=False)
+
+
+def test_eval_refuses_a_cache_with_other_settings(cache, tmp_path):
+    train(cache, tmp_path / "m", TrainConfig(head="mean", **FAST), progress=False)
+    other = order_cache(tmp_path / "other.h5")
+    import h5py
+    with h5py.File(other, "a") as f:
+        f.attrs["settings_hash"] = "0000"
+        f.attrs["settings"] = '{"dtype": "float16"}'
+    with pytest.raises(CacheMismatch, match="other settings"):
+        evaluate([tmp_path / "m/best.pt"], other, n_way=2, q_query=5, episodes=5, runs=1)
