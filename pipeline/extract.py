@@ -29,7 +29,7 @@ import torch
 from .backbones.mfnet import MFNet3D, random_mfnet, sha256
 from .datasets import VideoEntry
 from .store import CacheMismatch, StoreWriter, VideoResult, merge, read_settings
-from .video import Preprocess, Sampling, VideoError, read_clips, view_seed
+from .video import Preprocess, Sampling, VideoError, normalize_batch, read_clips, view_seed
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -119,7 +119,7 @@ def _read(entry: VideoEntry, settings: ExtractSettings):
     """Runs in a worker: decode + preprocess one video, or say why it cannot be used."""
     try:
         vc = read_clips(entry.path, settings.sampling, settings.preprocess, settings.views,
-                        view_seed(entry.id, settings.seed), settings.flip)
+                        view_seed(entry.id, settings.seed), settings.flip, raw=True)
         return vc.clips, vc.indices, vc.n_frames, ""
     except VideoError as e:
         return None, None, 0, e.reason
@@ -171,10 +171,11 @@ class _Forward:
 
     @torch.inference_mode()
     def __call__(self, clips: np.ndarray) -> np.ndarray:
+        """uint8 (B, F, H, W, 3) clips -> float32 (B, 768, t, h, w) maps."""
         x = torch.from_numpy(clips)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # ship uint8 (4x smaller), normalise on the GPU
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.contiguous(memory_format=self.memory_format)
+        x = normalize_batch(x).contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             y = self.model.forward_features(x, self.layer)
         return y.float().contiguous().cpu().numpy()
@@ -196,7 +197,7 @@ def _compute_part(group, reader, forward, batch_size, bar):
         else:
             v, c = clips.shape[:2]
             r.n_views, r.frame_indices = v, indices
-            flat = clips.reshape(v * c, *clips.shape[2:])  # (views*clips, 3, F, H, W), view-major
+            flat = clips.reshape(v * c, *clips.shape[2:])  # (views*clips, F, H, W, 3) uint8, view-major
             queue.extend(flat[i:i + 1] for i in range(len(flat)))
             while len(queue) >= batch_size:
                 run(batch_size)
@@ -254,10 +255,10 @@ def extract(entries: list[VideoEntry], out, settings: ExtractSettings, model: MF
     forward = _Forward(model, dev, settings, channels_last)
     frames = settings.sampling.frames
     with torch.inference_mode():
-        map_shape = forward(np.zeros((1, 3, frames, settings.preprocess.crop, settings.preprocess.crop),
-                                     np.float32)).shape[1:]
+        reader = _Reader(workers, settings)  # start the workers first: their imports overlap the warm-up
+        map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
+                                     np.uint8)).shape[1:]
     total = sum(len(groups[k]) for k in todo)
-    reader = _Reader(workers, settings)
     t0 = time.perf_counter()
     clips_done = failed = 0
     bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")

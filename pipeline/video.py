@@ -151,12 +151,19 @@ def normalize(clip_rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
 
 
+def normalize_batch(clips_rgb):
+    """torch uint8 (B, F, H, W, 3) RGB -> float32 (B, 3, F, H, W), the same arithmetic as `normalize`
+    (used by extraction, where decoding workers ship uint8 to keep inter-process copies small)."""
+    import torch
+    x = clips_rgb.float() / 255.0
+    x = (x - torch.tensor(MFNET_MEAN)) / torch.tensor(MFNET_STD)
+    return x.permute(0, 4, 1, 2, 3)
+
+
 def cut_clip(frames: dict[int, np.ndarray], idx: np.ndarray, crop: Crop, size: int) -> np.ndarray:
-    """Stack the frames `idx` (resized RGB) cropped by `crop` -> float32 (3, F, size, size)."""
+    """Stack the frames `idx` (resized RGB) cropped by `crop` -> uint8 (F, size, size, 3)."""
     clip = np.stack([frames[int(i)][crop.y:crop.y + size, crop.x:crop.x + size] for i in idx])
-    if crop.flip:
-        clip = clip[:, :, ::-1]
-    return normalize(clip)
+    return np.ascontiguousarray(clip[:, :, ::-1]) if crop.flip else clip
 
 
 # ---------------------------------------------------------------- decoding
@@ -165,7 +172,7 @@ def cut_clip(frames: dict[int, np.ndarray], idx: np.ndarray, crop: Crop, size: i
 class VideoClips:
     """What `read_clips` returns for one video."""
 
-    clips: np.ndarray            # (views, n_clips, 3, F, crop, crop) float32
+    clips: np.ndarray            # (views, n_clips, 3, F, crop, crop) float32, or uint8 (views, n_clips, F, crop, crop, 3) if raw
     indices: np.ndarray          # (n_clips, F) frame indices into the decoded frames
     n_frames: int                # frames that really decoded
     header_frames: int           # what the container claimed
@@ -237,7 +244,7 @@ def view_seed(video_id: str, seed: int) -> int:
 
 
 def read_clips(path, sampling: Sampling, preprocess: Preprocess, views: int = 1, seed: int = 0,
-               flip: bool = True) -> VideoClips:
+               flip: bool = True, raw: bool = False) -> VideoClips:
     """Sample and preprocess the clips of one video, for `views` crops of every clip.
 
     View 0 is the center crop; view v >= 1 is a random crop (+ horizontal flip with p = 0.5 when
@@ -274,4 +281,6 @@ def read_clips(path, sampling: Sampling, preprocess: Preprocess, views: int = 1,
         crops.append(row)
     clips = np.stack([np.stack([cut_clip(frames, idx[c], crops[v][c], size) for c in range(len(idx))])
                       for v in range(views)])
+    if not raw:
+        clips = np.stack([np.stack([normalize(c) for c in view]) for view in clips])
     return VideoClips(clips, idx, n, header, fps, (width, height), crops)

@@ -63,8 +63,15 @@ def test_center_crop_and_flip_are_the_same_for_all_frames():
     frames = {i: np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3) + i for i in range(2)}
     a = cut_clip(frames, np.array([0, 1]), Crop(1, 1), 2)
     b = cut_clip(frames, np.array([0, 1]), Crop(1, 1, flip=True), 2)
-    assert a.shape == (3, 2, 2, 2)
-    assert np.allclose(a[..., ::-1], b)
+    assert a.shape == (2, 2, 2, 3) and a.dtype == np.uint8   # (F, H, W, RGB)
+    assert np.array_equal(a[:, :, ::-1], b)
+
+
+def test_torch_normalisation_matches_numpy():
+    import torch
+    from pipeline.video import normalize_batch
+    clip = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
+    assert np.allclose(normalize_batch(torch.from_numpy(clip[None]))[0].numpy(), normalize(clip), atol=1e-6)
 
 
 def test_resize_modes():
