@@ -56,6 +56,7 @@ class VideoResult:
     maps: np.ndarray | None = None       # (views * clips, 768, T', H', W')
     pooled: np.ndarray | None = None     # (views * clips, 768)
     frame_indices: np.ndarray | None = None  # (clips, F)
+    chunks: list | None = None           # instead of maps: already-filtered HDF5 chunks (mask, bytes) to copy
     n_views: int = 0
     n_frames: int = 0
     status: str = "ok"
@@ -96,10 +97,17 @@ class StoreWriter:
         ds[n:] = values
 
     def add(self, v: VideoResult) -> None:
-        rows = 0 if v.maps is None else len(v.maps)
+        rows = len(v.chunks) if v.chunks is not None else 0 if v.maps is None else len(v.maps)
         clips = 0 if rows == 0 else rows // v.n_views
-        if rows:
+        if v.chunks is not None:  # merging: copy compressed chunks as they are, no decode/re-encode
+            feats = self.f["features"]
+            feats.resize(self.rows + rows, axis=0)
+            zeros = (0,) * (feats.ndim - 1)
+            for i, (mask, data) in enumerate(v.chunks):
+                feats.id.write_direct_chunk((self.rows + i, *zeros), data, mask)
+        elif rows:
             self._append(self.f["features"], v.maps.astype(self.f["features"].dtype, copy=False))
+        if rows:
             self._append(self.f["pooled"], v.pooled.astype(np.float32, copy=False))
             self._append(self.f["clips/video"], np.full(rows, self.videos))
             self._append(self.f["clips/view"], np.repeat(np.arange(v.n_views), clips))
@@ -219,7 +227,8 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
                                 label=int(s.videos["label"][vi]), order=int(o), n_views=int(s.videos["n_views"][vi]),
                                 n_frames=int(s.videos["n_frames"][vi]))
                 if n:
-                    v.maps = s.f["features"][r:r + n]
+                    zeros = (0,) * (s.f["features"].ndim - 1)
+                    v.chunks = [s.f["features"].id.read_direct_chunk((row, *zeros)) for row in range(r, r + n)]
                     v.pooled = s.f["pooled"][r:r + n]
                     v.frame_indices = s.f["clips/frame_indices"][r:r + s.videos["n_clips"][vi]]
                 writer.add(v)

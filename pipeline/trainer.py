@@ -88,7 +88,7 @@ def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int,
     n, kq = episode.shape
     idx = episode.reshape(-1)
     vsel = np.zeros(len(idx), int) if views is None else views
-    x = torch.from_numpy(np.asarray(feats.x[idx, vsel], np.float32))
+    x = torch.from_numpy(feats.x[idx, vsel]).float()
     target = torch.arange(n).repeat_interleave(kq - k_shot)
     if head.kind == "embedding":
         emb = head(x).view(n, kq, -1)                            # (N, K+Q, D)
@@ -131,7 +131,9 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
         _save(out_dir / "best.pt", head, meta, dict(episode=0, best_val=float(acc)))
         _write_curve(out_dir, [dict(episode=0, loss=float("nan"), val_accuracy=float(acc))])
         return dict(best_val=float(acc), episodes=0, seconds=0.0)
-    optim = (torch.optim.SGD(params, lr=lr, momentum=0.9) if opt_name == "sgd" else torch.optim.Adam(params, lr=lr))
+    # fused Adam: one kernel over all parameters; the optimizer step dominates a small head's episode
+    optim = (torch.optim.SGD(params, lr=lr, momentum=0.9) if opt_name == "sgd"
+             else torch.optim.Adam(params, lr=lr, fused=True))
     sched = torch.optim.lr_scheduler.StepLR(optim, every, factor)
     sampler = EpisodeSampler(tr.by_class(), config.n_way, config.k_shot, config.q_query)
     rng = np.random.default_rng(config.seed)

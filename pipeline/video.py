@@ -155,9 +155,9 @@ def normalize_batch(clips_rgb):
     """torch uint8 (B, F, H, W, 3) RGB -> float32 (B, 3, F, H, W), the same arithmetic as `normalize`
     (used by extraction, where decoding workers ship uint8 to keep inter-process copies small)."""
     import torch
-    x = clips_rgb.float() / 255.0
-    x = (x - torch.tensor(MFNET_MEAN)) / torch.tensor(MFNET_STD)
-    return x.permute(0, 4, 1, 2, 3)
+    scale = 1.0 / (255.0 * torch.tensor(MFNET_STD))      # (x/255 - mean)/std as one multiply-add
+    shift = -torch.tensor(MFNET_MEAN) / torch.tensor(MFNET_STD)
+    return clips_rgb.float().mul_(scale).add_(shift).permute(0, 4, 1, 2, 3)
 
 
 def cut_clip(frames: dict[int, np.ndarray], idx: np.ndarray, crop: Crop, size: int) -> np.ndarray:
