@@ -150,6 +150,7 @@ def train(cache: Path = typer.Option(..., help="Feature cache written by `pipeli
           q_query: int = typer.Option(1, help="Training queries per class."),
           val_every: int = typer.Option(250, help="Validate every this many episodes."),
           val_episodes: int = typer.Option(300, help="Fixed validation episodes."),
+          val_query: int = typer.Option(15, help="Queries per class in validation episodes."),
           seed: int = typer.Option(0, help="Seed of initialisation and episode sampling.")):
     """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
     from .trainer import TrainConfig, TrainingError, train as run_train
@@ -159,7 +160,7 @@ def train(cache: Path = typer.Option(..., help="Feature cache written by `pipeli
         if loss == "mse" and not head.startswith("rvn"):
             raise ValueError("train.loss mse is for relation heads (rvn*); embedding heads use circle or ce")
         cfg = TrainConfig(head, hidden, loss, gamma, margin, scale, optimizer, lr, episodes, n_way, k_shot, q_query,
-                          val_every, val_episodes, 15, seed)
+                          val_every, val_episodes, val_query, seed)
         r = run_train(cache, out, cfg, log=typer.echo)
     except (ValueError, TrainingError, EpisodeError, FeatureError, FileNotFoundError) as e:
         fail(str(e))
@@ -194,6 +195,53 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="One or more bes
         else:
             for r, c in zip(results, checkpoints):
                 write_metrics(metrics / f"{c.parent.name}.json", r)
+
+
+@app.command()
+def predict(checkpoint: Path = typer.Option(..., help="A trained head (best.pt)."),
+            support: Path = typer.Option(..., help="Folder with one sub-folder of example videos per new class."),
+            query: List[Path] = typer.Argument(..., help="Query videos or folders of videos."),
+            weights: Optional[str] = typer.Option(None, help="MFNet weights (default: the file recorded when the cache was made)."),
+            cache_dir: Path = typer.Option(Path("cache/predict"), help="Where per-video features are kept for reuse."),
+            device: str = typer.Option("auto", help="auto | cpu | cuda."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+            as_csv: bool = typer.Option(False, "--csv", help="Print CSV.")):
+    """Recognise your own actions: classify query videos against K example videos per new class."""
+    from .predict import PredictError, format_table, predict as run_predict, to_json
+    from .datasets import DatasetError
+    try:
+        out = run_predict(checkpoint, support, query, weights, cache_dir, device)
+    except (PredictError, DatasetError, FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if as_json:
+        typer.echo(to_json(out))
+    elif as_csv:
+        typer.echo("query,predicted,margin," + ",".join(out["classes"]))
+        for r in out["results"]:
+            if "error" in r:
+                typer.echo(f"{r['query']},,,{','.join('' for _ in out['classes'])}")
+            else:
+                typer.echo(f"{r['query']},{r['predicted']},{r['margin']:.4f}," +
+                           ",".join(f"{r['scores'][c]:.4f}" for c in out["classes"]))
+    else:
+        typer.echo(format_table(out))
+        typer.echo(f"{len(out['classes'])} classes from {out['support_videos']} support videos "
+                   f"({out['reused_support']} reused from {cache_dir}); {out['decoded']} video(s) decoded")
+    for f, why in out["support_failures"]:
+        typer.echo(f"skipped support file {f}: {why}", err=True)
+    for r in out["results"]:
+        if "error" in r:
+            typer.echo(f"query {r['query']} could not be read: {r['error']}", err=True)
+
+
+@app.command()
+def info(path: Path = typer.Argument(..., help="A feature cache (.h5) or a checkpoint (.pt).")):
+    """Inspect a cache (provenance, counts, failures, size) or a checkpoint (head, training, cache)."""
+    from .inspect import describe
+    try:
+        typer.echo(describe(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        fail(str(e))
 
 
 def main():

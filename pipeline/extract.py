@@ -65,12 +65,19 @@ class ExtractSettings:
         d["backbone"] = "MFNet3D"
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExtractSettings":
+        """Back from a cache's (or checkpoint's) recorded settings."""
+        d = {k: v for k, v in d.items() if k != "backbone"}
+        return cls(**dict(d, sampling=Sampling(**d["sampling"]), preprocess=Preprocess(**d["preprocess"])))
+
 
 def load_backbone(weights: str | None, seed: int = 0) -> tuple[MFNet3D, dict]:
     """The network and what to record about it."""
     if weights:
         model = MFNet3D.from_checkpoint(weights)
-        info = dict(weights_file=Path(weights).name, weights_sha256=sha256(weights))
+        info = dict(weights_file=Path(weights).name, weights_path=str(Path(weights).resolve()),
+                    weights_sha256=sha256(weights))
     else:
         warnings.warn("no --weights given: using a RANDOMLY INITIALISED MFNet (seed %d). Features are only "
                       "good for demos and tests; pass the Kinetics-400 checkpoint for real results." % seed,
@@ -157,7 +164,7 @@ class _Reader:
             self.pool.terminate()
 
 
-class _Forward:
+class BatchForward:
     """Batched backbone forward returning float32 maps on the CPU."""
 
     def __init__(self, model: MFNet3D, device: torch.device, settings: ExtractSettings, channels_last: bool):
@@ -252,7 +259,7 @@ def extract(entries: list[VideoEntry], out, settings: ExtractSettings, model: MF
                       opencv=__import__("cv2").__version__, python=platform.python_version(),
                       shard=f"{i}/{n}", **(extra_provenance or {}))
     dev = pick_device(device)
-    forward = _Forward(model, dev, settings, channels_last)
+    forward = BatchForward(model, dev, settings, channels_last)
     frames = settings.sampling.frames
     with torch.inference_mode():
         reader = _Reader(workers, settings)  # start the workers first: their imports overlap the warm-up

@@ -122,7 +122,8 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
         va = load(store, "val", head.consumes, views=1)
         val_eps = fixed_episodes(Path(cache), va.ids, va.by_class(), "val", config.n_way, config.k_shot,
                                  config.val_query, config.val_episodes, config.seed + 1)
-        cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash)
+        cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash,
+                          provenance=store.provenance)
     opt_name, lr, every, factor, total = config.schedule()
     params = list(head.parameters())
     meta = dict(head=config.head, head_config=config.head_config(), train_config=asdict(config), cache=cache_info)

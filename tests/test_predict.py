@@ -1,0 +1,108 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_video
+
+SMALL = ["--clips", "2", "--frames", "4", "--resize", "40", "--crop", "32", "--workers", "0"]
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A mean head (no training needed) over a tiny cache made with small extraction settings."""
+    d = tmp_path_factory.mktemp("p")
+    for ci, c in enumerate("abcdef"):
+        for i in range(3):
+            write_video(d / "data" / c / f"{c}{i}.avi", 12 + i, size=(48, 40))
+    split = d / "split"
+    split.mkdir()
+    for part, cs in (("train", "abcd"), ("val", "e"), ("test", "f")):
+        (split / f"{part}_classes.txt").write_text("\n".join(cs))
+    assert cli("extract", "--root", str(d / "data"), "--split", str(split), "--out", str(d / "c.h5"),
+               *SMALL).returncode == 0
+    r = cli("train", "--cache", str(d / "c.h5"), "--out", str(d / "run"), "--head", "mean", "--n-way", "1",
+            "--val-episodes", "2", "--val-query", "2")
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def flat_video(path, level, n=14):
+    import cv2
+    import numpy as np
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (48, 40))
+    rng = np.random.default_rng(level)
+    for _ in range(n):
+        img = np.zeros((40, 48, 3), np.uint8)
+        img[..., 0 if level < 100 else 2] = level + rng.integers(0, 10)     # blue-ish vs red-ish
+        w.write(img)
+    w.release()
+    return path
+
+
+def test_predicts_an_easily_separable_case_and_reuses_the_support_cache(trained, tmp_path):
+    sup = tmp_path / "support"
+    for i in range(2):
+        flat_video(sup / "blue" / f"b{i}.avi", 60 + 10 * i)
+        flat_video(sup / "red" / f"r{i}.avi", 200 + 10 * i)
+    queries = [flat_video(tmp_path / "q" / "qb.avi", 75), flat_video(tmp_path / "q" / "qr.avi", 215)]
+    args = ["predict", "--checkpoint", str(trained / "run/best.pt"), "--support", str(sup), "--cache-dir",
+            str(tmp_path / "pc"), "--json"]
+    r = cli(*args, str(queries[0]), str(queries[1]))
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [x["predicted"] for x in out["results"]] == ["blue", "red"]
+    assert out["decoded"] == 6 and out["reused_support"] == 0
+    assert all(x["margin"] > 0 and set(x["scores"]) == {"blue", "red"} for x in out["results"])
+    # more queries: the support set is not decoded again
+    extra = flat_video(tmp_path / "q" / "qb2.avi", 80)
+    out = json.loads(cli(*args, str(tmp_path / "q")).stdout)
+    assert out["reused_support"] == 4 and out["decoded"] == 1
+    assert [x["predicted"] for x in out["results"]] == ["blue", "blue", "red"] and extra.exists()
+    # one more example in a class: only that video is decoded
+    flat_video(sup / "red" / "r9.avi", 230)
+    out = json.loads(cli(*args, str(queries[0])).stdout)
+    assert out["decoded"] == 1 and out["reused_support"] == 4
+    csv = cli(*args[:-1], "--csv", str(queries[1])).stdout.splitlines()
+    assert csv[0] == "query,predicted,margin,blue,red" and ",red," in csv[1]
+
+
+def test_error_cases(trained, tmp_path):
+    ck = str(trained / "run/best.pt")
+    one = tmp_path / "one"
+    flat_video(one / "only" / "x.avi", 50)
+    r = cli("predict", "--checkpoint", ck, "--support", str(one), str(one / "only" / "x.avi"))
+    assert r.returncode == 2 and "at least 2 class folders" in r.stderr
+    bad = tmp_path / "bad"
+    flat_video(bad / "good" / "g.avi", 50)
+    (bad / "broken").mkdir()
+    (bad / "broken" / "b.avi").write_bytes(b"junk")
+    r = cli("predict", "--checkpoint", ck, "--support", str(bad), str(bad / "good" / "g.avi"))
+    assert r.returncode == 2 and "broken: no readable video" in r.stderr
+    sup = tmp_path / "ok"
+    flat_video(sup / "u" / "u.avi", 50)
+    flat_video(sup / "v" / "v.avi", 220)
+    junk = tmp_path / "junk.avi"
+    junk.write_bytes(b"")
+    r = cli("predict", "--checkpoint", ck, "--support", str(sup), "--cache-dir", str(tmp_path / "pc"), "--json",
+            str(junk), str(sup / "u" / "u.avi"))
+    assert r.returncode == 0
+    res = json.loads(r.stdout)["results"]
+    assert "empty file" in res[0]["error"] and res[1]["predicted"] == "u"
+    assert "could not be read" in r.stderr
+    r = cli("predict", "--checkpoint", ck, "--support", str(sup), "--weights", str(junk), str(sup / "u" / "u.avi"))
+    assert r.returncode == 2 and "random-init" in r.stderr
+
+
+def test_info_on_cache_and_checkpoint(trained):
+    r = cli("info", str(trained / "c.h5"))
+    assert r.returncode == 0 and "18 videos" in r.stdout and "train: 4 classes, 12 videos ok" in r.stdout
+    r = cli("info", str(trained / "run/best.pt"))
+    assert r.returncode == 0 and "head mean" in r.stdout and "trained on cache" in r.stdout
+    assert cli("info", str(trained / "nope.h5")).returncode == 2
