@@ -52,7 +52,7 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             split: str = typer.Option(..., help="Split name under configs/splits or a split folder."),
             out: Path = typer.Option(..., help="Cache file to write, e.g. cache/ucf101.h5."),
             layout: str = typer.Option("folder", help="ucf101 | hmdb51 | folder (the demo is a folder layout)."),
-            weights: Optional[Path] = typer.Option(None, help="MFNet Kinetics-400 checkpoint (MFNet3D_Kinetics-400_72.8.pth). Without it: random init, demo only."),
+            weights: Optional[str] = typer.Option(None, help="MFNet Kinetics-400 checkpoint (MFNet3D_Kinetics-400_72.8.pth). Without it (or empty): random init, demo only."),
             sampling: str = typer.Option("segments", help="segments (paper: T equal segments) | dense (every F-frame window)."),
             clips: int = typer.Option(3, help="segments: clips per video (T)."),
             frames: int = typer.Option(16, help="Frames per clip (F)."),
@@ -86,7 +86,7 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
         entries, problems = resolve(sp, root, layout, allow_missing)
         for f, why in problems:
             typer.echo(f"skipped {f}: {why}", err=True)
-        model, info = load_backbone(str(weights) if weights else None, seed)
+        model, info = load_backbone(weights or None, seed)
         settings = ExtractSettings(Sampling(sampling, clips, frames, step, stride), Preprocess(resize_mode, resize, crop),
                                    views, seed, flip, layer, dtype, compression, precision, info["weights_sha256"])
         summary = run_extract(entries, out, settings, model, info, batch_size=batch_size, workers=workers,
@@ -178,17 +178,22 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="One or more bes
              episodes: int = typer.Option(600, help="Episodes per run."),
              runs: int = typer.Option(10, help="Runs."),
              seed: int = typer.Option(0, help="Seed of the fixed test episodes."),
-             part: str = typer.Option("test", help="test | val.")):
+             part: str = typer.Option("test", help="test | val."),
+             accuracies: Optional[Path] = typer.Option(None, help="Also save per-episode accuracies (.npy, one checkpoint) for paired comparisons in `pipeline report`.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
     from .episodes import EpisodeError
     from .evaluate import evaluate, table, write_metrics
     from .features import FeatureError
     from .store import CacheMismatch
     try:
-        results, _ = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part)
+        results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part)
     except (CacheMismatch, EpisodeError, FeatureError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     typer.echo(table(results))
+    if accuracies:
+        import numpy as np
+        accuracies.parent.mkdir(parents=True, exist_ok=True)
+        np.save(accuracies, accs[0])
     if metrics:
         if len(results) == 1:
             write_metrics(metrics, results[0])
@@ -242,6 +247,21 @@ def info(path: Path = typer.Argument(..., help="A feature cache (.h5) or a check
         typer.echo(describe(path))
     except (FileNotFoundError, ValueError, OSError) as e:
         fail(str(e))
+
+
+@app.command()
+def report(metrics: Path = typer.Option(Path("metrics"), help="Folder of metrics JSON (+ .npy) written by `pipeline eval`."),
+           runs: Path = typer.Option(Path("runs/dvc"), help="Folder of run folders (best.pt, curve.csv)."),
+           cache: Optional[Path] = typer.Option(None, help="Feature cache, for the similarity matrix and t-SNE."),
+           out: Path = typer.Option(Path("reports"), help="Where tables, figures and index.md go.")):
+    """The paper's tables and figures: results table, similarity matrix, t-SNE, sweep curves, learning curves."""
+    from .report import report as run_report
+    try:
+        written = run_report(metrics, runs, cache, out)
+    except FileNotFoundError as e:
+        fail(str(e))
+    for f in written:
+        typer.echo(f"wrote {f}")
 
 
 def main():

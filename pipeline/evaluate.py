@@ -84,7 +84,8 @@ def evaluate(checkpoints, cache, n_way=5, k_shot=1, q_query=15, episodes=600, ru
         m.update(head=ck["head"], loss=ck["train_config"]["loss"] if ck["state_dict"] else "(none)",
                  checkpoint=str(path), cache=str(cache),
                  cache_settings_hash=settings_hash, n_way=n_way, k_shot=k_shot, q_query=q_query, part=part,
-                 seed=seed, best_val=ck.get("best_val"), seconds=time.perf_counter() - t0)
+                 seed=seed, best_val=ck.get("best_val"), train_config=ck["train_config"],
+                 seconds=time.perf_counter() - t0)
         results.append(m)
         accs.append(acc)
     accs = np.stack(accs)

@@ -129,7 +129,8 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
     meta = dict(head=config.head, head_config=config.head_config(), train_config=asdict(config), cache=cache_info)
     if not params:  # parameter-free head (mean): nothing to train, score it on validation once
         acc = validate(head, va, val_eps, config.k_shot).mean()
-        _save(out_dir / "best.pt", head, meta, dict(episode=0, best_val=float(acc)))
+        for name in ("best.pt", "last.pt"):
+            _save(out_dir / name, head, meta, dict(episode=0, best_val=float(acc), curve=[]))
         _write_curve(out_dir, [dict(episode=0, loss=float("nan"), val_accuracy=float(acc))])
         return dict(best_val=float(acc), episodes=0, seconds=0.0)
     # fused Adam: one kernel over all parameters; the optimizer step dominates a small head's episode

@@ -1,0 +1,235 @@
+"""`pipeline report`: the paper's tables and figures from evaluated runs.
+
+Reads `<runs>/<name>/` folders (best.pt, curve.csv) and `<metrics>/<name>.json` (+ `.npy` per-episode
+accuracies written by `pipeline eval --accuracies`) and writes, under `--out`:
+  results.md / results.csv   Table 4 style: mean +- 95% CI per run, paired comparison to the best
+                             run with the same K on the same episodes
+  similarity.png             Fig. 8: 5 support classes x 75 queries of one fixed test episode,
+                             for each trained embedding run, and the ground truth
+  tsne.png                   Fig. 6: t-SNE of test video vectors coloured by class, one panel per run
+  sweep_gamma.png, sweep_margin.png   Fig. 7, when runs differ only in gamma (or m), >= 3 values
+  curves.png                 learning curves: training loss and validation accuracy vs episodes
+  index.md                   what was written, with the table inline
+"""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import paired
+
+SWEPT = ("gamma", "margin")
+
+
+def load_runs(metrics_dir: Path) -> list[dict]:
+    runs = []
+    for f in sorted(Path(metrics_dir).glob("*.json")):
+        m = json.loads(f.read_text())
+        if "accuracy" not in m:
+            continue
+        m["name"] = f.stem
+        acc = f.with_suffix(".npy")
+        m["per_episode"] = np.load(acc) if acc.exists() else None
+        runs.append(m)
+    return runs
+
+
+def results_table(runs: list[dict]) -> tuple[list[dict], str]:
+    """Rows with paired comparisons to the best run of the same K (same episodes), and Markdown."""
+    rows = []
+    for r in runs:
+        same = [o for o in runs if o["k_shot"] == r["k_shot"] and o["n_way"] == r["n_way"]]
+        best = max(same, key=lambda o: o["accuracy"])
+        cmp = None
+        if best is not r and r["per_episode"] is not None and best["per_episode"] is not None \
+                and len(r["per_episode"]) == len(best["per_episode"]):
+            cmp = paired(r["per_episode"], best["per_episode"])
+        cfg = r.get("train_config", {})
+        rows.append(dict(run=r["name"], head=r["head"], loss=r["loss"], hidden=cfg.get("hidden", ""),
+                         gamma=cfg.get("gamma", "") if r["loss"] == "circle" else "",
+                         margin=cfg.get("margin", "") if r["loss"] == "circle" else "",
+                         setting=f"{r['n_way']}-way {r['k_shot']}-shot", accuracy=round(100 * r["accuracy"], 2),
+                         ci95=round(100 * r["ci95"], 2), episodes=r["episodes"],
+                         vs_best="best" if best is r else
+                         ("" if cmp is None else f"{100 * cmp['diff']:+.2f} (p={cmp['p_value']:.2g})")))
+    cols = list(rows[0]) if rows else []
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
+    return rows, "\n".join(md)
+
+
+def _embedding_runs(runs, runs_dir):
+    from .evaluate import load_checkpoint
+    out = []
+    for r in runs:
+        ck_path = Path(runs_dir) / r["name"] / "best.pt"
+        if ck_path.exists():
+            head, ck = load_checkpoint(ck_path)
+            if head.kind == "embedding":
+                out.append((r, head))
+    return out
+
+
+def similarity_figure(path, runs, runs_dir, cache, plt):
+    """Fig. 8: query-to-class similarities of one fixed test episode, and the ground truth."""
+    import torch
+    import torch.nn.functional as F
+
+    from .episodes import fixed_episodes
+    from .features import load
+    from .store import FeatureStore
+    emb_runs = _embedding_runs(runs, runs_dir)
+    if not emb_runs:
+        return None
+    r0 = emb_runs[0][0]
+    with FeatureStore(cache) as st:
+        feats = load(st, "test", "pooled", views=1)
+    ep = fixed_episodes(Path(cache), feats.ids, feats.by_class(), "test", r0["n_way"], 1, r0["q_query"],
+                        r0["episodes"], r0["seed"])[0]
+    n, kq = ep.shape
+    panels = []
+    with torch.no_grad():
+        for r, head in emb_runs:
+            v = F.normalize(head(torch.from_numpy(feats.x[ep.ravel(), 0])), dim=-1).view(n, kq, -1)
+            panels.append((f"{r['name']} ({r['head']}, {r['loss']})", (v[:, 0] @ v[:, 1:].reshape(-1, v.shape[-1]).T).numpy()))
+    panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)
+    for ax, (title, sim) in zip(axes[:, 0], panels):
+        im = ax.imshow(sim, aspect="auto", cmap="viridis", vmin=-1 if sim.min() < 0 else 0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("support class")
+        fig.colorbar(im, ax=ax, fraction=0.02)
+    axes[-1, 0].set_xlabel(f"query (15 per class x {n} classes)")
+    fig.suptitle("Cosine similarity of queries to support classes, first fixed test episode (5-way 1-shot)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def tsne_figure(path, runs, runs_dir, cache, plt):
+    """Fig. 6: t-SNE of the video vectors of the test classes, one panel per embedding run."""
+    import torch
+    from sklearn.manifold import TSNE
+
+    from .features import load
+    from .store import FeatureStore
+    emb_runs = _embedding_runs(runs, runs_dir)
+    if not emb_runs:
+        return None
+    with FeatureStore(cache) as st:
+        feats = load(st, "test", "pooled", views=1)
+    classes = sorted(set(feats.classes))
+    fig, axes = plt.subplots(1, len(emb_runs), figsize=(5 * len(emb_runs), 4.6), squeeze=False)
+    for ax, (r, head) in zip(axes[0], emb_runs):
+        with torch.no_grad():
+            v = torch.nn.functional.normalize(head(torch.from_numpy(feats.x[:, 0])), dim=-1).numpy()
+        xy = TSNE(2, perplexity=min(30, len(v) - 1), init="pca", random_state=0).fit_transform(v)
+        for c in classes:
+            m = feats.classes == c
+            ax.scatter(xy[m, 0], xy[m, 1], s=10, label=c)
+        ax.set_title(f"{r['name']} ({r['head']}, {r['loss']})", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, -1].legend(fontsize=7, loc="best", markerscale=1.5)
+    fig.suptitle("t-SNE of test video vectors, coloured by class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_figures(out: Path, runs, plt) -> list[Path]:
+    """Fig. 7: accuracy vs gamma / m, for runs identical but for that value (>= 3 values)."""
+    written = []
+    for key in SWEPT:
+        groups = {}
+        for r in runs:
+            cfg = dict(r.get("train_config", {}))
+            if r["loss"] != "circle" or key not in cfg:
+                continue
+            value = cfg.pop(key)
+            rest = json.dumps({k: v for k, v in cfg.items() if k != "seed"} | {"k": r["k_shot"]}, sort_keys=True)
+            groups.setdefault(rest, []).append((value, r))
+        groups = {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if len({x for x, _ in v}) >= 3}
+        if not groups:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for rest, pts in groups.items():
+            cfg = json.loads(rest)
+            ax.errorbar([p for p, _ in pts], [100 * r["accuracy"] for _, r in pts],
+                        yerr=[100 * r["ci95"] for _, r in pts], marker="o", capsize=3,
+                        label=f"{cfg.get('head')} {cfg.get('k')}-shot")
+        if key == "gamma":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel("scale factor gamma" if key == "gamma" else "relaxation margin m")
+        ax.set_ylabel("accuracy (%) with 95% CI")
+        ax.set_title(f"Circle loss: accuracy vs {'gamma' if key == 'gamma' else 'm'}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"sweep_{key}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def curves_figure(path, runs_dir, plt):
+    curves = {}
+    for f in sorted(Path(runs_dir).glob("*/curve.csv")):
+        with open(f) as fh:
+            rows = list(csv.DictReader(fh))
+        if len(rows) > 1:
+            curves[f.parent.name] = rows
+    if not curves:
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, rows in curves.items():
+        ep = [int(r["episode"]) for r in rows]
+        a.plot(ep, [float(r["loss"]) for r in rows], marker=".", label=name)
+        b.plot(ep, [100 * float(r["val_accuracy"]) for r in rows], marker=".", label=name)
+    a.set_xlabel("training episode")
+    a.set_ylabel("training loss (mean since last validation)")
+    a.set_yscale("log")
+    b.set_xlabel("training episode")
+    b.set_ylabel("validation accuracy (%)")
+    a.set_title("Training loss")
+    b.set_title("Validation accuracy (fixed episodes)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(metrics_dir)
+    if not runs:
+        raise FileNotFoundError(f"no metrics JSON in {metrics_dir} (run `pipeline eval --metrics ...`)")
+    rows, md = results_table(runs)
+    (out / "results.md").write_text(md + "\n")
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    figures = []
+    if cache and Path(cache).exists():
+        figures += [similarity_figure(out / "similarity.png", runs, runs_dir, cache, plt),
+                    tsne_figure(out / "tsne.png", runs, runs_dir, cache, plt)]
+    figures += sweep_figures(out, runs, plt)
+    figures.append(curves_figure(out / "curves.png", runs_dir, plt))
+    figures = [f for f in figures if f]
+    index = ["# Report", "", "## Results (accuracy % with 95% CI, same fixed test episodes)", "", md, "",
+             "Also as [results.csv](results.csv).", "", "## Figures", ""]
+    index += [f"- [{f.name}]({f.name})" for f in figures]
+    (out / "index.md").write_text("\n".join(index) + "\n")
+    return [out / "results.md", out / "results.csv", *figures, out / "index.md"]

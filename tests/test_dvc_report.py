@@ -1,0 +1,90 @@
+"""The DVC pipeline end to end on a tiny demo configuration, and `pipeline report` on fixtures."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+TINY_RUN = dict(head="lstm", hidden=16, loss="circle", gamma=32, margin=0.25, optimizer="head", episodes=20,
+                k_shot=1, val_query=2, seed=0)
+
+
+def tiny_params():
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"].update(videos_per_class=4, min_seconds=0.6, max_seconds=0.8)
+    p["extract"].update(frames=4, resize=40, crop=32, precision="fp32", workers=0)
+    p["eval"].update(q_query=2, episodes=5, runs=2)
+    p["runs"] = {"lstm": TINY_RUN, "mean": dict(TINY_RUN, head="mean")}
+    return p
+
+
+def dvc(cwd, *args):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run([DVC, *args], cwd=cwd, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not Path(DVC).exists(), reason="dvc not installed in this environment")
+def test_dvc_repro_runs_then_is_a_no_op_then_reruns_only_train(tmp_path):
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    dvc(tmp_path, "init", "--no-scm", "-q")
+    first = dvc(tmp_path, "repro")
+    for stage in ("demo_data", "extract", "train@lstm", "train@mean", "eval@lstm", "eval@mean", "report"):
+        assert f"Running stage '{stage}'" in first
+    assert (tmp_path / "reports/index.md").exists() and (tmp_path / "metrics/lstm.json").exists()
+    second = dvc(tmp_path, "repro")
+    assert "Running stage" not in second and "up to date" in second
+    p = tiny_params()
+    p["runs"]["lstm"]["hidden"] = 8
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    third = dvc(tmp_path, "repro")
+    assert "Running stage 'train@lstm'" in third and "Running stage 'eval@lstm'" in third
+    assert "Running stage 'extract'" not in third and "Running stage 'train@mean'" not in third
+    shown = dvc(tmp_path, "metrics", "show", "--json")
+    assert "accuracy" in shown and "ci95" in shown
+
+
+def fake_run(metrics, runs, name, head, loss, acc, gamma=128.0, margin=0.4, seed=0):
+    rng = np.random.default_rng(seed)
+    per = (rng.random(40) < acc).astype(float)
+    cfg = dict(head=head, hidden=512, loss=loss, gamma=gamma, margin=margin, n_way=5, k_shot=1, seed=0)
+    m = dict(accuracy=float(per.mean()), ci95=float(1.96 * per.std(ddof=1) / np.sqrt(40)), episodes=40, runs=2,
+             head=head, loss=loss, n_way=5, k_shot=1, q_query=15, seed=0, train_config=cfg)
+    (metrics / f"{name}.json").write_text(json.dumps(m))
+    np.save(metrics / f"{name}.npy", per)
+    (runs / name).mkdir(parents=True)
+    (runs / name / "curve.csv").write_text("episode,loss,val_accuracy\n10,2.0,0.5\n20,1.0,0.7\n")
+    return m, per
+
+
+def test_report_on_metrics_fixtures(tmp_path):
+    from pipeline.metrics import paired
+    from pipeline.report import report
+    metrics, runs = tmp_path / "metrics", tmp_path / "runs"
+    metrics.mkdir()
+    best, best_acc = fake_run(metrics, runs, "a_best", "lstm", "circle", 0.9)
+    other, other_acc = fake_run(metrics, runs, "b_ce", "lstm", "ce", 0.6, seed=1)
+    for i, g in enumerate((32, 64, 256)):
+        fake_run(metrics, runs, f"g{g}", "lstm", "circle", 0.5, gamma=g, seed=10 + i)
+    written = report(metrics, runs, None, tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"results.md", "results.csv", "curves.png", "sweep_gamma.png", "index.md"} <= names
+    assert all(p.exists() and p.stat().st_size > 0 for p in written)
+    rows = {r.split(",")[0]: r.split(",") for r in (tmp_path / "out/results.csv").read_text().splitlines()[1:]}
+    assert float(rows["a_best"][7]) == round(100 * best["accuracy"], 2)
+    assert float(rows["b_ce"][8]) == round(100 * other["ci95"], 2)
+    assert rows["a_best"][-1] == "best"
+    d = paired(other_acc, best_acc)
+    assert rows["b_ce"][-1].startswith(f"{100 * d['diff']:+.2f}")
+    assert "[sweep_gamma.png](sweep_gamma.png)" in (tmp_path / "out/index.md").read_text()
