@@ -153,8 +153,9 @@ def sweep_figures(out: Path, runs, plt) -> list[Path]:
                 continue
             value = cfg.pop(key)
             rest = json.dumps({k: v for k, v in cfg.items() if k != "seed"} | {"k": r["k_shot"]}, sort_keys=True)
-            groups.setdefault(rest, []).append((value, r))
-        groups = {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if len({x for x, _ in v}) >= 3}
+            if value not in [x for x, _ in groups.get(rest, [])]:  # a repeated setting counts once
+                groups.setdefault(rest, []).append((value, r))
+        groups = {k: sorted(v, key=lambda t: t[0]) for k, v in groups.items() if len(v) >= 3}
         if not groups:
             continue
         fig, ax = plt.subplots(figsize=(5.5, 3.8))

@@ -106,3 +106,18 @@ def test_info_on_cache_and_checkpoint(trained):
     r = cli("info", str(trained / "run/best.pt"))
     assert r.returncode == 0 and "head mean" in r.stdout and "trained on cache" in r.stdout
     assert cli("info", str(trained / "nope.h5")).returncode == 2
+
+
+def test_relation_head_predicts_too(trained, tmp_path):
+    r = cli("train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "rvn"), "--head", "rvn3", "--loss", "mse",
+            "--n-way", "1", "--episodes", "10", "--val-every", "10", "--val-episodes", "2", "--val-query", "2")
+    assert r.returncode == 0, r.stderr
+    sup = tmp_path / "support"
+    flat_video(sup / "blue" / "b.avi", 60)
+    flat_video(sup / "red" / "r.avi", 200)
+    r = cli("predict", "--checkpoint", str(tmp_path / "rvn/best.pt"), "--support", str(sup), "--cache-dir",
+            str(tmp_path / "pc"), "--json", str(flat_video(tmp_path / "q.avi", 65)))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)["results"][0]
+    assert json.loads(r.stdout)["head"] == "rvn3"
+    assert set(res["scores"]) == {"blue", "red"} and all(0 <= s <= 1 for s in res["scores"].values())
