@@ -261,15 +261,14 @@ def extract(entries: list[VideoEntry], out, settings: ExtractSettings, model: MF
     dev = pick_device(device)
     forward = BatchForward(model, dev, settings, channels_last)
     frames = settings.sampling.frames
-    with torch.inference_mode():
-        reader = _Reader(workers, settings)  # start the workers first: their imports overlap the warm-up
-        map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
-                                     np.uint8)).shape[1:]
+    reader = _Reader(workers, settings)  # start the workers first: their imports overlap the warm-up
     total = sum(len(groups[k]) for k in todo)
-    t0 = time.perf_counter()
     clips_done = failed = 0
     bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")
     try:
+        map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
+                                     np.uint8)).shape[1:]
+        t0 = time.perf_counter()
         for k in todo:
             results = _compute_part(groups[k], reader, forward, batch_size, bar)
             clips_done += sum(0 if r.maps is None else len(r.maps) for r in results)
