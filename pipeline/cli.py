@@ -157,8 +157,6 @@ def train(cache: Path = typer.Option(..., help="Feature cache written by `pipeli
     from .episodes import EpisodeError
     from .features import FeatureError
     try:
-        if loss == "mse" and not head.startswith("rvn"):
-            raise ValueError("train.loss mse is for relation heads (rvn*); embedding heads use circle or ce")
         cfg = TrainConfig(head, hidden, loss, gamma, margin, scale, optimizer, lr, episodes, n_way, k_shot, q_query,
                           val_every, val_episodes, val_query, seed)
         r = run_train(cache, out, cfg, log=typer.echo)

@@ -5,6 +5,19 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def prototypes(support: torch.Tensor) -> torch.Tensor:
+    """(..., N, K, D) support video vectors -> (..., N, D) unit class prototypes: the mean of the
+    K vectors (the paper's K-shot rule), normalised for cosine scoring."""
+    return F.normalize(support.mean(-2), dim=-1)
+
+
+def cosine_scores(queries: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """(..., M, D) query vectors, (..., N, D) unit prototypes -> (..., M, N) cosine similarities."""
+    return F.normalize(queries, dim=-1) @ protos.transpose(-1, -2)
 
 
 class EpisodeError(Exception):
@@ -55,7 +68,7 @@ def fixed_episodes(cache: Path, ids: np.ndarray, videos_by_class: dict, part: st
         if missing:
             raise EpisodeError(f"{path} names {len(missing)} video(s) not in the cache (e.g. {missing[0]}); "
                                "it belongs to another cache")
-        return np.vectorize(lambda i: pos[names[i]])(eps) if eps.size else eps
+        return np.array([pos[n] for n in names], dtype=np.int64)[eps]
     sampler = EpisodeSampler(videos_by_class, n_way, k_shot, q_query)
     rng = np.random.default_rng(seed)
     eps = np.stack([sampler.sample(rng) for _ in range(count)])

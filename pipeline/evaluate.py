@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .episodes import fixed_episodes
+from . import heads
+from .episodes import cosine_scores, fixed_episodes, prototypes
 from .features import load
 from .metrics import paired, summarize
-from .store import CacheMismatch, FeatureStore
-from .trainer import build_head
+from .store import CacheMismatch, FeatureStore, settings_diff
 
 
 def load_checkpoint(path):
@@ -22,7 +21,7 @@ def load_checkpoint(path):
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (run `pipeline train`)")
     ck = torch.load(path, weights_only=False)
-    head = build_head(ck["head"], ck["head_config"])
+    head = heads.build(ck["head"], **ck["head_config"])
     head.load_state_dict(ck["state_dict"])
     return head.eval(), ck
 
@@ -34,21 +33,18 @@ def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: in
     the first convolution once and only run the rest of the network per pair."""
     e, n, kq = episodes.shape
     x = torch.from_numpy(np.asarray(feats.x[:, 0], np.float32))
+    target = torch.arange(n).repeat_interleave(kq - k_shot)
     if head.kind == "embedding":
-        emb = F.normalize(head(x), dim=-1)                                   # (videos, D)
+        emb = head(x)                                                        # (videos, D)
         acc = []
         for s in range(0, e, chunk):
-            ep = torch.from_numpy(episodes[s:s + chunk])
-            v = emb[ep]                                                      # (e, N, K+Q, D)
-            protos = F.normalize(v[:, :, :k_shot].mean(2), dim=-1)           # (e, N, D)
-            queries = F.normalize(v[:, :, k_shot:], dim=-1)                  # (e, N, Q, D)
-            pred = torch.einsum("enqd,ecd->enqc", queries, protos).argmax(-1)
-            acc.append((pred == torch.arange(n).view(1, n, 1)).float().mean((1, 2)))
+            v = emb[torch.from_numpy(episodes[s:s + chunk])]                 # (e, N, K+Q, D)
+            pred = cosine_scores(v[:, :, k_shot:].flatten(1, 2), prototypes(v[:, :, :k_shot])).argmax(-1)
+            acc.append((pred == target).float().mean(1))                     # pred (e, N*Q)
         return torch.cat(acc).numpy()
     sup = torch.cat([head.project(x[i:i + 256], "s") for i in range(0, len(x), 256)])
     qry = torch.cat([head.project(x[i:i + 256], "q") for i in range(0, len(x), 256)])
     acc = np.empty(e)
-    target = torch.arange(n).repeat_interleave(kq - k_shot)
     for i, ep in enumerate(torch.from_numpy(episodes)):
         scores = head.relate(sup[ep[:, :k_shot]].mean(1), qry[ep[:, k_shot:].reshape(-1)])
         acc[i] = (scores.argmax(1) == target).float().mean().item()
@@ -57,10 +53,8 @@ def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: in
 
 def check_cache(ck: dict, store: FeatureStore, checkpoint) -> None:
     if ck["cache"]["settings_hash"] != store.settings_hash:
-        theirs, ours = ck["cache"]["settings"], store.settings
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
         raise CacheMismatch(f"{checkpoint} was trained on a cache with other settings than {store.path} "
-                            f"(differs in: {', '.join(diff)})")
+                            f"(differs in: {', '.join(settings_diff(ck['cache']['settings'], store.settings))})")
 
 
 def evaluate(checkpoints, cache, n_way=5, k_shot=1, q_query=15, episodes=600, runs=10, seed=0,

@@ -22,13 +22,14 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import h5py
 import numpy as np
 import torch
 
 from .backbones.mfnet import MFNet3D, random_mfnet, sha256
 from .datasets import VideoEntry
-from .store import CacheMismatch, StoreWriter, VideoResult, merge, read_settings
+from .store import CacheMismatch, FeatureStore, StoreWriter, VideoResult, merge, read_settings, settings_diff
 from .video import Preprocess, Sampling, VideoError, normalize_batch, read_clips, view_seed
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -256,7 +257,7 @@ def extract(entries: list[VideoEntry], out, settings: ExtractSettings, model: MF
     todo = [k for k in mine if not (parts_dir / f"part-{k:06d}.h5").exists()]
     provenance = dict(model_info, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       torch=torch.__version__, h5py=h5py.__version__, numpy=np.__version__,
-                      opencv=__import__("cv2").__version__, python=platform.python_version(),
+                      opencv=cv2.__version__, python=platform.python_version(),
                       shard=f"{i}/{n}", **(extra_provenance or {}))
     dev = pick_device(device)
     forward = BatchForward(model, dev, settings, channels_last)
@@ -287,12 +288,8 @@ def extract(entries: list[VideoEntry], out, settings: ExtractSettings, model: MF
     expect = [o for k in mine for _, o in groups[k]]
     count = merge([parts_dir / f"part-{k:06d}.h5" for k in mine], target, wanted, expect)
     shutil.rmtree(parts_dir)
-    with h5py.File(target, "r") as f:
-        status = f["videos/status"].asstr()[:]
-        reasons = f["videos/reason"].asstr()[:]
-        ids = f["videos/id"].asstr()[:]
-        rows = f["features"].shape[0]
-    failures = [(ids[j], reasons[j]) for j in np.flatnonzero(status != "ok")]
+    with FeatureStore(target) as store:
+        failures, rows = store.failures(), store.f["features"].shape[0]
     return dict(path=str(target), status="written", videos=count, resumed_parts=len(mine) - len(todo),
                 clips=int(rows), computed_clips=clips_done, seconds=seconds,
                 clips_per_s=clips_done / seconds if seconds > 0 else 0.0,
@@ -302,6 +299,5 @@ def extract(entries: list[VideoEntry], out, settings: ExtractSettings, model: MF
 def _mismatch(path, have, wanted) -> str:
     if have is None:
         return f"{path} exists but is not a feature cache made by this tool; use --overwrite to replace it"
-    diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
-    detail = "; ".join(f"{k}: cache {have.get(k)!r} vs asked {wanted.get(k)!r}" for k in diff)
+    detail = "; ".join(f"{k}: cache {have.get(k)!r} vs asked {wanted.get(k)!r}" for k in settings_diff(have, wanted))
     return f"{path} was made with other settings ({detail}); use --overwrite to replace it or choose another --out"

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .backbones.mfnet import MFNet3D, random_mfnet, sha256
 from .datasets import scan
+from .episodes import cosine_scores, prototypes
 from .evaluate import load_checkpoint
 from .extract import BatchForward, ExtractSettings, pick_device
 from .store import settings_hash
@@ -118,10 +118,9 @@ def predict(checkpoint, support_dir, queries, weights: str | None = None, cache_
         protos.append(vids)
     reused_support = sum(v.cached for vs in protos for v in vs)
     results = []
-    if head.kind == "embedding":
-        # as in training: the prototype is the mean of the class's video vectors, then normalised
-        centres = F.normalize(torch.stack([head(torch.from_numpy(np.stack([v.pooled for v in vs]))).mean(0)
-                                           for vs in protos]), dim=-1)
+    if head.kind == "embedding":  # classes may have different K: one prototype at a time
+        centres = torch.cat([prototypes(head(torch.from_numpy(np.stack([v.pooled for v in vs])))[None])
+                             for vs in protos])
     else:
         centres = torch.stack([torch.from_numpy(np.stack([v.maps for v in vs])).float().mean(0) for vs in protos])
     for q in query_files(queries):
@@ -131,7 +130,7 @@ def predict(checkpoint, support_dir, queries, weights: str | None = None, cache_
             results.append(dict(query=str(q), error=err.reason))
             continue
         if head.kind == "embedding":
-            sims = (F.normalize(head(torch.from_numpy(e.pooled)[None]), dim=-1) @ centres.T)[0]
+            sims = cosine_scores(head(torch.from_numpy(e.pooled)[None]), centres)[0]
         else:
             sims = head(centres, torch.from_numpy(e.maps).float()[None])[0]
         order = torch.argsort(sims, descending=True)

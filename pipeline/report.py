@@ -61,40 +61,39 @@ def results_table(runs: list[dict]) -> tuple[list[dict], str]:
     return rows, "\n".join(md)
 
 
-def _embedding_runs(runs, runs_dir):
-    from .evaluate import load_checkpoint
-    out = []
-    for r in runs:
-        ck_path = Path(runs_dir) / r["name"] / "best.pt"
-        if ck_path.exists():
-            head, ck = load_checkpoint(ck_path)
-            if head.kind == "embedding":
-                out.append((r, head))
-    return out
-
-
-def similarity_figure(path, runs, runs_dir, cache, plt):
-    """Fig. 8: query-to-class similarities of one fixed test episode, and the ground truth."""
+def test_vectors(runs, runs_dir, cache):
+    """The test videos' features and, per embedding run with a checkpoint, their unit video vectors
+    (n, D): computed once, shared by the similarity matrix and the t-SNE."""
     import torch
     import torch.nn.functional as F
 
-    from .episodes import fixed_episodes
+    from .evaluate import load_checkpoint
     from .features import load
     from .store import FeatureStore
-    emb_runs = _embedding_runs(runs, runs_dir)
-    if not emb_runs:
-        return None
-    r0 = emb_runs[0][0]
     with FeatureStore(cache) as st:
         feats = load(st, "test", "pooled", views=1)
+    vectors = []
+    for r in runs:
+        ck_path = Path(runs_dir) / r["name"] / "best.pt"
+        if ck_path.exists():
+            head, _ = load_checkpoint(ck_path)
+            if head.kind == "embedding":
+                with torch.no_grad():
+                    vectors.append((r, F.normalize(head(torch.from_numpy(feats.x[:, 0])), dim=-1).numpy()))
+    return feats, vectors
+
+
+def similarity_figure(path, feats, vectors, cache, plt):
+    """Fig. 8: query-to-class similarities of one fixed test episode, and the ground truth."""
+    from .episodes import fixed_episodes
+    r0 = vectors[0][0]
     ep = fixed_episodes(Path(cache), feats.ids, feats.by_class(), "test", r0["n_way"], 1, r0["q_query"],
                         r0["episodes"], r0["seed"])[0]
     n, kq = ep.shape
     panels = []
-    with torch.no_grad():
-        for r, head in emb_runs:
-            v = F.normalize(head(torch.from_numpy(feats.x[ep.ravel(), 0])), dim=-1).view(n, kq, -1)
-            panels.append((f"{r['name']} ({r['head']}, {r['loss']})", (v[:, 0] @ v[:, 1:].reshape(-1, v.shape[-1]).T).numpy()))
+    for r, vec in vectors:
+        v = vec[ep]                                                     # (N, 1+Q, D), 1-shot
+        panels.append((f"{r['name']} ({r['head']}, {r['loss']})", v[:, 0] @ v[:, 1:].reshape(-1, v.shape[-1]).T))
     panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)
     for ax, (title, sim) in zip(axes[:, 0], panels):
@@ -110,23 +109,12 @@ def similarity_figure(path, runs, runs_dir, cache, plt):
     return path
 
 
-def tsne_figure(path, runs, runs_dir, cache, plt):
+def tsne_figure(path, feats, vectors, plt):
     """Fig. 6: t-SNE of the video vectors of the test classes, one panel per embedding run."""
-    import torch
     from sklearn.manifold import TSNE
-
-    from .features import load
-    from .store import FeatureStore
-    emb_runs = _embedding_runs(runs, runs_dir)
-    if not emb_runs:
-        return None
-    with FeatureStore(cache) as st:
-        feats = load(st, "test", "pooled", views=1)
     classes = sorted(set(feats.classes))
-    fig, axes = plt.subplots(1, len(emb_runs), figsize=(5 * len(emb_runs), 4.6), squeeze=False)
-    for ax, (r, head) in zip(axes[0], emb_runs):
-        with torch.no_grad():
-            v = torch.nn.functional.normalize(head(torch.from_numpy(feats.x[:, 0])), dim=-1).numpy()
+    fig, axes = plt.subplots(1, len(vectors), figsize=(5 * len(vectors), 4.6), squeeze=False)
+    for ax, (r, v) in zip(axes[0], vectors):
         xy = TSNE(2, perplexity=min(30, len(v) - 1), init="pca", random_state=0).fit_transform(v)
         for c in classes:
             m = feats.classes == c
@@ -224,8 +212,10 @@ def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
         w.writerows(rows)
     figures = []
     if cache and Path(cache).exists():
-        figures += [similarity_figure(out / "similarity.png", runs, runs_dir, cache, plt),
-                    tsne_figure(out / "tsne.png", runs, runs_dir, cache, plt)]
+        feats, vectors = test_vectors(runs, runs_dir, cache)
+        if vectors:
+            figures += [similarity_figure(out / "similarity.png", feats, vectors, cache, plt),
+                        tsne_figure(out / "tsne.png", feats, vectors, plt)]
     figures += sweep_figures(out, runs, plt)
     figures.append(curves_figure(out / "curves.png", runs_dir, plt))
     figures = [f for f in figures if f]

@@ -40,6 +40,11 @@ class CacheMismatch(Exception):
     """A cache file made with other settings than the ones asked for."""
 
 
+def settings_diff(a: dict, b: dict) -> list[str]:
+    """The top-level keys whose values differ between two settings dicts."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -158,9 +163,6 @@ class FeatureStore:
     def __exit__(self, *exc):
         self.close()
 
-    def ok(self) -> np.ndarray:
-        return np.flatnonzero(self.videos["status"] == "ok")
-
     def rows(self, video: int, view: int = 0) -> np.ndarray:
         """Row numbers of one video's clips for one view, in temporal order."""
         first, n = self.videos["first_row"][video], self.videos["n_clips"][video]
@@ -199,8 +201,8 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
         ref = settings if settings is not None else stores[0].settings
         for s in stores:
             if s.settings != ref:
-                diff = sorted(k for k in set(ref) | set(s.settings) if ref.get(k) != s.settings.get(k))
-                raise CacheMismatch(f"{s.path} was made with other settings (differs in: {', '.join(diff)})")
+                raise CacheMismatch(f"{s.path} was made with other settings "
+                                    f"(differs in: {', '.join(settings_diff(ref, s.settings))})")
         where = {}
         for si, s in enumerate(stores):
             for vi, o in enumerate(s.videos["order"]):

@@ -6,15 +6,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import heads
-from .episodes import EpisodeSampler, fixed_episodes
+from .episodes import EpisodeSampler, cosine_scores, fixed_episodes, prototypes
 from .features import SplitFeatures, load
 from .losses import LOSSES, episode_loss
 from .store import FeatureStore
@@ -57,19 +56,14 @@ class TrainConfig:
             raise ValueError(f"train.head: unknown head {self.head!r} (known: {', '.join(sorted(heads.HEADS))})")
         if self.loss not in LOSSES:
             raise ValueError(f"train.loss: unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
+        if self.loss == "mse" and heads.HEADS[self.head].kind != "relation":
+            raise ValueError(f"train.loss mse regresses relation scores; head {self.head!r} is an embedding head "
+                             "(use circle or ce)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer: unknown preset {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
         for k in ("n_way", "k_shot", "q_query", "val_every", "val_episodes", "val_query", "hidden"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"train: unknown key(s) {', '.join(unknown)}")
-        return cls(**d)
 
     def head_config(self) -> dict:
         return {"hidden": self.hidden} if self.head == "lstm" else {}
@@ -77,10 +71,6 @@ class TrainConfig:
     def schedule(self):
         opt, lr, every, factor, episodes = OPTIMIZERS[self.optimizer]
         return opt, self.lr or lr, every, factor, self.episodes or episodes
-
-
-def build_head(name: str, config: dict):
-    return heads.build(name, **config)
 
 
 def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int, views: np.ndarray | None = None):
@@ -92,9 +82,7 @@ def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int,
     target = torch.arange(n).repeat_interleave(kq - k_shot)
     if head.kind == "embedding":
         emb = head(x).view(n, kq, -1)                            # (N, K+Q, D)
-        protos = F.normalize(emb[:, :k_shot].mean(1), dim=-1)    # (N, D)
-        queries = F.normalize(emb[:, k_shot:].reshape(-1, emb.shape[-1]), dim=-1)
-        return queries @ protos.T, target                        # cosine (N*Q, N)
+        return cosine_scores(emb[:, k_shot:].flatten(0, 1), prototypes(emb[:, :k_shot])), target  # (N*Q, N)
     maps = x.view(n, kq, *x.shape[1:])
     return head(maps[:, :k_shot].mean(1), maps[:, k_shot:].flatten(0, 1)), target
 
@@ -116,7 +104,7 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
-    head = build_head(config.head, config.head_config())
+    head = heads.build(config.head, **config.head_config())
     with FeatureStore(cache) as store:
         tr = load(store, "train", head.consumes)
         va = load(store, "val", head.consumes, views=1)

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import write_video
 from pipeline.datasets import load_split, resolve
 from pipeline.extract import ExtractSettings, extract, load_backbone, parse_shard
 from pipeline.store import CacheMismatch, FeatureStore
@@ -20,9 +21,6 @@ SMALL = ["--clips", "2", "--frames", "4", "--resize", "40", "--crop", "32", "--p
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """5 classes (3/1/1) x 3 videos of 20-40 frames, one of them truncated to garbage."""
-    import sys as _s
-    _s.path.insert(0, os.path.dirname(__file__))
-    from conftest import write_video
     root = tmp_path_factory.mktemp("data")
     classes = ["a", "b", "c", "d", "e"]
     for ci, c in enumerate(classes):
