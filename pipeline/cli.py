@@ -163,7 +163,7 @@ def train(cache: Path = typer.Option(..., help="Feature cache written by `pipeli
     except (ValueError, TrainingError, EpisodeError, FeatureError, FileNotFoundError) as e:
         fail(str(e))
     typer.echo(f"{out}: best validation accuracy {100 * r['best_val']:.2f}% after {r['episodes']} episodes "
-               f"({r['seconds']:.1f} s); checkpoint {out / 'best.pt'}")
+               f"({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating); checkpoint {out / 'best.pt'}")
 
 
 @app.command("eval")

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import heads
-from .episodes import cosine_scores, fixed_episodes, prototypes
+from .episodes import fixed_episodes, prototypes
 from .features import load
 from .metrics import paired, summarize
 from .store import CacheMismatch, FeatureStore, settings_diff
@@ -36,11 +37,14 @@ def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: in
     target = torch.arange(n).repeat_interleave(kq - k_shot)
     if head.kind == "embedding":
         emb = head(x)                                                        # (videos, D)
+        unit = F.normalize(emb, dim=-1)          # each query's direction once, not once per episode
         acc = []
         for s in range(0, e, chunk):
-            v = emb[torch.from_numpy(episodes[s:s + chunk])]                 # (e, N, K+Q, D)
-            pred = cosine_scores(v[:, :, k_shot:].flatten(1, 2), prototypes(v[:, :, :k_shot])).argmax(-1)
-            acc.append((pred == target).float().mean(1))                     # pred (e, N*Q)
+            ep = torch.from_numpy(episodes[s:s + chunk])
+            protos = prototypes(emb[ep[:, :, :k_shot]])                      # (e, N, D)
+            queries = unit[ep[:, :, k_shot:].flatten(1, 2)]                  # (e, N*Q, D)
+            pred = (queries @ protos.transpose(1, 2)).argmax(-1)             # cosine scores (e, N*Q, N)
+            acc.append((pred == target).float().mean(1))
         return torch.cat(acc).numpy()
     sup = torch.cat([head.project(x[i:i + 256], "s") for i in range(0, len(x), 256)])
     qry = torch.cat([head.project(x[i:i + 256], "q") for i in range(0, len(x), 256)])

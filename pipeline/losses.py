@@ -23,8 +23,9 @@ def circle_loss(s_p: torch.Tensor, s_n: torch.Tensor, gamma: float = 128.0, m: f
 def episode_loss(name: str, sims: torch.Tensor, target: torch.Tensor, gamma: float, m: float, scale: float):
     """sims: (n_query, N) query-to-class scores; target: (n_query,) class positions."""
     if name == "circle":
-        pos = F.one_hot(target, sims.shape[1]).bool()
-        return circle_loss(sims[pos].view(-1, 1), sims[~pos].view(len(sims), -1), gamma, m)
+        n = sims.shape[1]
+        others = (target[:, None] + torch.arange(1, n)) % n            # (n_query, N-1) the other classes
+        return circle_loss(sims.gather(1, target[:, None]), sims.gather(1, others), gamma, m)
     if name == "ce":
         return F.cross_entropy(scale * sims, target)
     if name == "mse":  # relation networks regress the score to the one-hot target

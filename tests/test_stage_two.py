@@ -55,6 +55,21 @@ def test_head_shapes_and_rvn_split_equals_concatenation():
     assert sorted(heads.HEADS) == ["lstm", "mean", "rvn1", "rvn2", "rvn3"]
 
 
+def test_lstm_head_equals_torch_lstm_values_and_gradients():
+    torch.manual_seed(0)
+    head = heads.build("lstm", hidden=32)
+    x = torch.randn(6, 3, 768, requires_grad=True)
+    ours = head(x)
+    _, (h, _) = head.lstm(x)                       # the same parameters through nn.LSTM
+    assert torch.allclose(ours, h[-1], atol=1e-6)
+    w = torch.randn(6, 32)                         # a loss that weights every output differently
+    g_ours = torch.autograd.grad((w * ours).sum(), [x, *head.parameters()])
+    g_ref = torch.autograd.grad((w * h[-1]).sum(), [x, *head.parameters()])
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(head(x[:, :1]), head.lstm(x[:, :1])[1][0][-1], atol=1e-6)   # T = 1
+
+
 FAST = dict(n_way=2, k_shot=1, q_query=2, val_every=100, val_episodes=40, val_query=5, lr=3e-3)
 
 
