@@ -30,7 +30,7 @@ import torch
 from .backbones.mfnet import MFNet3D, random_mfnet, sha256
 from .datasets import VideoEntry
 from .store import CacheMismatch, FeatureStore, StoreWriter, VideoResult, merge, read_settings, settings_diff
-from .video import Preprocess, Sampling, VideoError, normalize_batch, read_clips, view_seed
+from .video import Preprocess, Sampling, normalize_batch, read_clips_or_reason, view_seed
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -123,18 +123,6 @@ def pick_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
-def _read(entry: VideoEntry, settings: ExtractSettings):
-    """Runs in a worker: decode + preprocess one video, or say why it cannot be used."""
-    try:
-        vc = read_clips(entry.path, settings.sampling, settings.preprocess, settings.views,
-                        view_seed(entry.id, settings.seed), settings.flip, raw=True)
-        return vc.clips, vc.indices, vc.n_frames, ""
-    except VideoError as e:
-        return None, None, 0, e.reason
-    except Exception as e:  # noqa: BLE001 - a decoder crash on one file must not stop the run
-        return None, None, 0, f"{type(e).__name__}: {e}"
-
-
 class _Reader:
     """Ordered, bounded-lookahead decoding in worker processes (inline when workers == 0)."""
 
@@ -143,21 +131,26 @@ class _Reader:
         self.pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
         self.window = max(1, workers) * lookahead
 
+    def _args(self, e: VideoEntry) -> tuple:
+        s = self.settings
+        return e.path, s.sampling, s.preprocess, s.views, view_seed(e.id, s.seed), s.flip
+
     def map(self, entries):
+        """Yields (entry, (VideoClips or None, failure reason)) in the order of `entries`."""
         if self.pool is None:
             for e in entries:
-                yield e, _read(e, self.settings)
+                yield e, read_clips_or_reason(*self._args(e))
             return
         pending, it = deque(), iter(entries)
         for e in it:
-            pending.append((e, self.pool.apply_async(_read, (e, self.settings))))
+            pending.append((e, self.pool.apply_async(read_clips_or_reason, self._args(e))))
             if len(pending) >= self.window:
                 break
         while pending:
             e, res = pending.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append((nxt, self.pool.apply_async(_read, (nxt, self.settings))))
+                pending.append((nxt, self.pool.apply_async(read_clips_or_reason, self._args(nxt))))
             yield e, res.get()
 
     def close(self):
@@ -198,18 +191,19 @@ def _compute_part(group, reader, forward, batch_size, bar):
         del queue[:n]
         outputs.append(forward(batch))
 
-    for (entry, order), (_, (clips, indices, n_frames, reason)) in zip(group, reader.map([e for e, _ in group])):
-        r = VideoResult(entry.id, entry.class_name, entry.part, entry.label, order, n_frames=n_frames)
-        if clips is None:
+    for (entry, order), (_, (vc, reason)) in zip(group, reader.map([e for e, _ in group])):
+        r = VideoResult(entry.id, entry.class_name, entry.part, entry.label, order)
+        n = 0
+        if vc is None:
             r.status, r.reason = "failed", reason
         else:
-            v, c = clips.shape[:2]
-            r.n_views, r.frame_indices = v, indices
-            flat = clips.reshape(v * c, *clips.shape[2:])  # (views*clips, F, H, W, 3) uint8, view-major
-            queue.extend(flat[i:i + 1] for i in range(len(flat)))
+            v, c = vc.clips.shape[:2]
+            r.n_views, r.frame_indices, r.n_frames, n = v, vc.indices, vc.n_frames, v * c
+            flat = vc.clips.reshape(n, *vc.clips.shape[2:])  # (views*clips, F, H, W, 3) uint8, view-major
+            queue.extend(flat[i:i + 1] for i in range(n))
             while len(queue) >= batch_size:
                 run(batch_size)
-        results.append((r, len(flat) if clips is not None else 0))
+        results.append((r, n))
         bar.update(1)
     if queue:
         run(len(queue))
