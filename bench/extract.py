@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--videos", type=int, default=96)
     ap.add_argument("--demo", default="data/demo")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
     torch.manual_seed(0)
     model = random_mfnet(0).eval()
@@ -102,7 +103,7 @@ def main():
     for prec in ("fp32", "bf16"):
         mdl, info = load_backbone(None, 0)
         s = ExtractSettings(precision=prec)
-        r = extract(entries, tmp / f"{prec}.h5", s, mdl, info, batch_size=a.batch, workers=1, channels_last=True,
+        r = extract(entries, tmp / f"{prec}.h5", s, mdl, info, batch_size=a.batch, workers=a.workers, channels_last=True,
                     progress=False)
         print(f"end-to-end extract, {len(entries)} demo videos, {prec}: {r['clips_per_s']:.1f} clips/s "
               f"({r['computed_clips']} clips in {r['seconds']:.1f} s), {r['bytes'] / r['clips'] / 1e3:.1f} KB per clip")

@@ -17,7 +17,6 @@ import platform
 import shutil
 import time
 import warnings
-from collections import deque
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -124,38 +123,33 @@ def pick_device(device: str) -> torch.device:
 
 
 class _Reader:
-    """Ordered, bounded-lookahead decoding in worker processes (inline when workers == 0)."""
+    """Decodes whole parts: in worker processes (`workers` > 0), or inline."""
 
-    def __init__(self, workers: int, settings: ExtractSettings, lookahead: int = 4):
+    def __init__(self, workers: int, settings: ExtractSettings):
         self.settings = settings
         self.pool = mp.get_context("spawn").Pool(workers) if workers > 0 else None
-        self.window = max(1, workers) * lookahead
 
     def _args(self, e: VideoEntry) -> tuple:
         s = self.settings
         return e.path, s.sampling, s.preprocess, s.views, view_seed(e.id, s.seed), s.flip
 
-    def map(self, entries):
-        """Yields (entry, (VideoClips or None, failure reason)) in the order of `entries`."""
+    def submit(self, entries):
+        """Starts decoding `entries`; `.get()` on the result gives [(VideoClips or None, reason)] in order."""
         if self.pool is None:
-            for e in entries:
-                yield e, read_clips_or_reason(*self._args(e))
-            return
-        pending, it = deque(), iter(entries)
-        for e in it:
-            pending.append((e, self.pool.apply_async(read_clips_or_reason, self._args(e))))
-            if len(pending) >= self.window:
-                break
-        while pending:
-            e, res = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, self.pool.apply_async(read_clips_or_reason, self._args(nxt))))
-            yield e, res.get()
+            return _Done([read_clips_or_reason(*self._args(e)) for e in entries])
+        return self.pool.starmap_async(read_clips_or_reason, [self._args(e) for e in entries])
 
     def close(self):
         if self.pool is not None:
             self.pool.terminate()
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
 
 
 class BatchForward:
@@ -182,7 +176,7 @@ class BatchForward:
         return y.float().contiguous().cpu().numpy()
 
 
-def _compute_part(group, reader, forward, batch_size, bar):
+def _compute_part(group, decoded, forward, batch_size, bar):
     """Features for one part: videos' clips batched across videos, batches confined to the part."""
     results, queue, outputs = [], [], []
 
@@ -191,7 +185,7 @@ def _compute_part(group, reader, forward, batch_size, bar):
         del queue[:n]
         outputs.append(forward(batch))
 
-    for (entry, order), (_, (vc, reason)) in zip(group, reader.map([e for e, _ in group])):
+    for (entry, order), (vc, reason) in zip(group, decoded):
         r = VideoResult(entry.id, entry.class_name, entry.part, entry.label, order)
         n = 0
         if vc is None:
@@ -257,15 +251,26 @@ def extract(entries: list[VideoEntry], out, settings: ExtractSettings, model: MF
     forward = BatchForward(model, dev, settings, channels_last)
     frames = settings.sampling.frames
     reader = _Reader(workers, settings)  # start the workers first: their imports overlap the warm-up
+    # On CUDA the workers decode the next part while the GPU computes this one. On CPU the backbone
+    # already uses every core, and decoding beside it slowed both (bench/extract.py: 0.5-0.6x of
+    # forward-only); there the next part is decoded, on all cores, while this one is written.
+    overlap = dev.type == "cuda"
     total = sum(len(groups[k]) for k in todo)
     clips_done = failed = 0
     bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")
     try:
+        nxt = reader.submit([e for e, _ in groups[todo[0]]]) if todo else None
         map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
                                      np.uint8)).shape[1:]
         t0 = time.perf_counter()
-        for k in todo:
-            results = _compute_part(groups[k], reader, forward, batch_size, bar)
+        for j, k in enumerate(todo):
+            decoded = nxt.get()
+            following = [e for e, _ in groups[todo[j + 1]]] if j + 1 < len(todo) else None
+            if overlap and following:
+                nxt = reader.submit(following)
+            results = _compute_part(groups[k], decoded, forward, batch_size, bar)
+            if not overlap and following:
+                nxt = reader.submit(following)
             clips_done += sum(0 if r.maps is None else len(r.maps) for r in results)
             failed += sum(r.status != "ok" for r in results)
             tmp = parts_dir / f"part-{k:06d}.h5.tmp"

@@ -57,7 +57,7 @@ def main() -> None:
     run("demo-data", "--out", DATA, "--seed", "0")
     run("scan", "--root", DATA, "--split", f"{DATA}/splits")
     run("extract", "--root", DATA, "--split", "demo", "--out", CACHE, "--precision", "bf16",
-        "--batch-size", "8", "--workers", "1")
+        "--batch-size", "8", "--workers", "2")
     for name, args in HEADS:
         run("train", "--cache", CACHE, "--out", f"{RUNS}/{name}", *args)
     run("eval", *[f"{RUNS}/{name}/best.pt" for name, _ in HEADS], "--cache", CACHE, "--metrics", f"{RUNS}/metrics")
