@@ -145,6 +145,8 @@ class _Reader:
 
 
 class _Done:
+    """A result already in hand, with the `.get()` of a pool's async result."""
+
     def __init__(self, value):
         self.value = value
 

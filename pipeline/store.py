@@ -113,6 +113,8 @@ class StoreWriter:
         rows = len(v.chunks) if v.chunks is not None else 0 if v.maps is None else len(v.maps)
         clips = 0 if rows == 0 else rows // v.n_views
         if v.chunks is not None:  # merging: copy compressed chunks as they are, no decode/re-encode
+            if "features" in self._queued:  # chunks go straight to their rows: queued maps first
+                self.flush()
             feats = self.f["features"]
             feats.resize(self.rows + rows, axis=0)
             zeros = (0,) * (feats.ndim - 1)
