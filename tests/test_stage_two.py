@@ -23,6 +23,17 @@ def test_sampler_invariants_and_determinism():
     assert np.array_equal(ep, s.sample(np.random.default_rng(0)))
 
 
+def test_sampler_draws_every_video_and_role_uniformly():
+    s = EpisodeSampler({"a": np.arange(4), "b": np.arange(4, 7)}, n_way=2, k_shot=1, q_query=1)
+    rng = np.random.default_rng(0)
+    counts = np.zeros((7, 2))                       # video x (support, query)
+    for _ in range(12000):
+        for row in s.sample(rng):
+            counts[row, [0, 1]] += 1
+    expected = np.array([1 / 4] * 4 + [1 / 3] * 3)[:, None]   # each class is in every episode
+    assert np.abs(counts / 12000 - expected).max() < 0.02
+
+
 def test_class_with_too_few_videos_is_named():
     with pytest.raises(EpisodeError, match=r"K\+Q = 16 videos: small \(3 videos\)"):
         EpisodeSampler({"small": np.arange(3), "big": np.arange(30)}, 2, 1, 15)
