@@ -3,9 +3,9 @@
     python bench/heads.py [--episodes 18000]
 
 Writes the pooled vectors (maps stored 768x1x1x1 to keep the file small: pooled heads never read
-them) and prints: LSTM training episodes/s (5-way 1-shot, 1 query per class) and the wall time of
-the paper's 18,000 episodes, validation every 250 episodes included, with both optimizer presets; eval time for 600 x 10 episodes (lstm, mean), rvn eval episodes/s with
-the split first convolution vs the naive per-pair computation (in memory, UCF101 test size), and
+them) and prints: LSTM training episodes/s (5-way 1-shot, 1 query per class) and the time of the
+paper's 18,000 episodes with both optimizer presets (validation every 250 timed apart), eval time
+for 600 x 10 episodes (lstm, mean), rvn eval episodes/s with the split first convolution vs the naive per-pair computation (in memory, UCF101 test size), and
 peak memory (max RSS) after each step.
 """
 from __future__ import annotations
@@ -59,12 +59,11 @@ def main():
         print(f"lstm train, preset {preset} (5-way 1-shot, 1 query/class): {a.episodes / steps:.0f} episodes/s, "
               f"{a.episodes} episodes in {steps:.1f} s = {steps / 60:.2f} min; {r['val_seconds']:.1f} s more for "
               f"{a.episodes // cfg.val_every} validations (300 episodes) and checkpoints; peak RSS {rss_mb():.0f} MB")
-    (tmp / "lstm").symlink_to(tmp / "lstm_head")
     train(cache, tmp / "mean", TrainConfig(head="mean"), progress=False)
-    for name in ("lstm", "mean"):
-        evaluate([tmp / name / "best.pt"], cache, episodes=600, runs=10)   # first call writes the episode file
+    for name, run in (("lstm", "lstm_head"), ("mean", "mean")):
+        evaluate([tmp / run / "best.pt"], cache, episodes=600, runs=10)   # first call writes the episode file
         t = time.perf_counter()
-        res, _ = evaluate([tmp / name / "best.pt"], cache, episodes=600, runs=10)
+        res, _ = evaluate([tmp / run / "best.pt"], cache, episodes=600, runs=10)
         print(f"{name} eval, 6000 episodes (5-way 1-shot, 15 queries): {time.perf_counter() - t:.2f} s "
               f"(scoring alone {res[0]['seconds']:.2f} s); peak RSS {rss_mb():.0f} MB")
     head = heads.build("rvn1").eval()

@@ -36,7 +36,7 @@ class _LastHidden(torch.autograd.Function):
         hid = w_hh.shape[1]
         xt = x.transpose(0, 1).reshape(steps * b, -1)                          # (T*B, D)
         acts = torch.addmm(bias, xt, w_ih.t()).view(steps, b, 4 * hid)        # gate pre-activations, then activations
-        cs, hs = x.new_empty(steps, b, hid), x.new_empty(steps, b, hid)
+        cs, tcs, hs = (x.new_empty(steps, b, hid) for _ in range(3))     # c, tanh(c), h per step
         for t in range(steps):
             a = acts[t]
             if t:
@@ -47,13 +47,13 @@ class _LastHidden(torch.autograd.Function):
             torch.mul(i, u, out=cs[t])
             if t:
                 cs[t].addcmul_(f, cs[t - 1])
-            torch.mul(o, cs[t].tanh(), out=hs[t])
-        ctx.save_for_backward(xt, w_ih, w_hh, acts, cs, hs)
+            torch.mul(o, torch.tanh(cs[t], out=tcs[t]), out=hs[t])
+        ctx.save_for_backward(xt, w_ih, w_hh, acts, cs, tcs, hs)
         return hs[-1].clone()
 
     @staticmethod
     def backward(ctx, dh):
-        xt, w_ih, w_hh, acts, cs, hs = ctx.saved_tensors
+        xt, w_ih, w_hh, acts, cs, tcs, hs = ctx.saved_tensors
         steps, b, hid = hs.shape
         # d(activation)/d(pre-activation) of every gate: a (1 - a) for the sigmoids, 1 - g^2 for tanh
         slope = acts * (1 - acts)
@@ -63,7 +63,7 @@ class _LastHidden(torch.autograd.Function):
         for t in reversed(range(steps)):
             i, f, u, o = acts[t].chunk(4, 1)
             di, df, du, do = dg[t].chunk(4, 1)
-            tc = cs[t].tanh()
+            tc = tcs[t]
             torch.mul(dh, tc, out=do)
             dc.addcmul_(dh * o, 1 - tc.square())
             torch.mul(dc, u, out=di)
