@@ -137,7 +137,8 @@ class _Reader:
         """Starts decoding `entries`; `.get()` on the result gives [(VideoClips or None, reason)] in order."""
         if self.pool is None:
             return _Done([read_clips_or_reason(*self._args(e)) for e in entries])
-        return self.pool.starmap_async(read_clips_or_reason, [self._args(e) for e in entries])
+        # one video per task: with a few videos per worker, bigger chunks leave a worker idle at the end
+        return self.pool.starmap_async(read_clips_or_reason, [self._args(e) for e in entries], chunksize=1)
 
     def close(self):
         if self.pool is not None:

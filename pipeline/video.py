@@ -6,6 +6,8 @@ frames that exist (see `read_clips`).
 """
 from __future__ import annotations
 
+import functools
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,14 +116,58 @@ class Preprocess:
             return self.resize, int(self.resize * height / width)
         return int(self.resize * width / height), self.resize
 
-    def resize_frame(self, bgr: np.ndarray) -> np.ndarray:
-        """BGR uint8 (H, W, 3) -> RGB uint8 resized."""
+    def resize_frame(self, bgr: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """BGR uint8 (H, W, 3) -> RGB uint8 resized; only rows y0:y1, cols x0:x1 of it when `box` is
+        (y0, y1, x0, x1). The colour swap comes after the resize: both are per-channel exact, and
+        the region is smaller than the frame."""
         h, w = bgr.shape[:2]
         size = self.resized_size(w, h)
-        rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        if size != (w, h):
-            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LINEAR)
-        return rgb
+        box = box or (0, size[1], 0, size[0])
+        if size == (w, h):
+            out = bgr[box[0]:box[1], box[2]:box[3]]
+        else:
+            out = resize_region(bgr, size, box)
+        return cv2.cvtColor(out, cv2.COLOR_BGR2RGB)
+
+
+def resize_region(img: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int]) -> np.ndarray:
+    """Rows y0:y1, cols x0:x1 of cv2.resize(img, size, INTER_LINEAR), bit for bit, computing little more
+    than that region (a 112 crop of a 256x256 frame costs a third of the whole resize)."""
+    plan = _region_plan(img.shape[1], img.shape[0], *size, *box)
+    if plan is None:
+        return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)[box[0]:box[1], box[2]:box[3]]
+    rows, cols, out_size, (oy, ox) = plan
+    out = cv2.resize(img[rows, cols], out_size, interpolation=cv2.INTER_LINEAR)
+    return out[oy:oy + box[1] - box[0], ox:ox + box[3] - box[2]]
+
+
+def _axis_cut(n_src: int, n_dst: int, lo: int, hi: int) -> tuple[slice, int, int]:
+    """Source slice, output length and offset of `lo` in it, for output pixels lo:hi of one axis.
+
+    Linear resizing reads output pixel d from source position (d + 0.5) * n_src / n_dst - 0.5. Cut
+    where both sides are whole periods (n_src / g source pixels <-> n_dst / g output pixels, g = gcd),
+    the ratio and therefore every pixel's source position and weights stay the same; the margin keeps
+    the edge clamping of the cut piece away from the wanted pixels."""
+    g = math.gcd(n_src, n_dst)
+    per_src, per_dst = n_src // g, n_dst // g
+    margin = 2 + n_dst // n_src
+    a, b = max(0, (lo - margin) // per_dst), min(g, -(-(hi + margin) // per_dst))
+    return slice(a * per_src, b * per_src), (b - a) * per_dst, lo - a * per_dst
+
+
+@functools.lru_cache(maxsize=1024)
+def _region_plan(src_w: int, src_h: int, dst_w: int, dst_h: int, y0: int, y1: int, x0: int, x1: int):
+    """The cut for `resize_region`, or None (resize whole frames) if this OpenCV build does not give the
+    identical pixels on a random frame of this geometry: checked once per geometry, so another build
+    can only make it slower, never different."""
+    rows, height, oy = _axis_cut(src_h, dst_h, y0, y1)
+    cols, width, ox = _axis_cut(src_w, dst_w, x0, x1)
+    img = np.random.default_rng(0).integers(0, 256, (src_h, src_w, 3), dtype=np.uint8)
+    full = cv2.resize(img, (dst_w, dst_h), interpolation=cv2.INTER_LINEAR)[y0:y1, x0:x1]
+    part = cv2.resize(img[rows, cols], (width, height), interpolation=cv2.INTER_LINEAR)
+    if not np.array_equal(full, part[oy:oy + y1 - y0, ox:ox + x1 - x0]):
+        return None
+    return rows, cols, (width, height), (oy, ox)
 
 
 @dataclass(frozen=True)
@@ -142,6 +188,21 @@ def random_crop(height: int, width: int, size: int, rng: np.random.Generator, fl
     y = int(rng.integers(0, height - size + 1))
     x = int(rng.integers(0, width - size + 1))
     return Crop(y, x, bool(flip and rng.random() < 0.5))
+
+
+def clip_crops(height: int, width: int, size: int, clips: int, views: int, seed: int, flip: bool) -> list[list[Crop]]:
+    """[view][clip] crops of (height, width) resized frames: view 0 centred, view v >= 1 drawn from a
+    generator seeded by (seed, v, clip)."""
+    return [[center_crop(height, width, size) if v == 0 else
+             random_crop(height, width, size, np.random.default_rng([seed, v, c]), flip)
+             for c in range(clips)] for v in range(views)]
+
+
+def crop_box(crops: list[list[Crop]], size: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1): the part of the resized frame that the crops cover."""
+    flat = [c for row in crops for c in row]
+    return (min(c.y for c in flat), max(c.y for c in flat) + size,
+            min(c.x for c in flat), max(c.x for c in flat) + size)
 
 
 def normalize(clip_rgb: np.ndarray) -> np.ndarray:
@@ -204,18 +265,20 @@ def probe(path) -> tuple[int, float, int, int]:
         cap.release()
 
 
-def decode_frames(path, wanted: set[int], preprocess: Preprocess) -> tuple[dict[int, np.ndarray], int]:
-    """Decode sequentially, converting and resizing only the `wanted` frames.
+def decode_frames(path, wanted: set[int], preprocess: Preprocess, box_for=None):
+    """Decode sequentially, converting and resizing only the `wanted` frames, and of each only the
+    region `box_for(height, width)` of the resized frame (whole frames without `box_for`).
 
-    Returns ({index: resized RGB frame}, number of frames decoded). Stops early once every wanted
-    frame is in hand unless it must count the frames; memory is bounded by the wanted frames.
+    Returns ({index: resized RGB region}, number of frames decoded, resized (height, width)). Stops
+    early once every wanted frame is in hand unless it must count the frames; memory is bounded by
+    the wanted frames.
     """
     cap = open_video(path)
     if not cap.isOpened():
         raise VideoError(path, "not a readable video (OpenCV could not open it)")
     out: dict[int, np.ndarray] = {}
     last = max(wanted) if wanted else -1
-    i = 0
+    i, shape, box = 0, None, None
     try:
         while i <= last:
             if not cap.grab():  # grab() decodes; retrieve() does the colour conversion
@@ -226,11 +289,17 @@ def decode_frames(path, wanted: set[int], preprocess: Preprocess) -> tuple[dict[
                     break
                 if bgr.ndim == 2:
                     bgr = cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
-                out[i] = preprocess.resize_frame(bgr)
+                w, h = preprocess.resized_size(bgr.shape[1], bgr.shape[0])
+                if shape is None:
+                    shape, box = (h, w), box_for(h, w) if box_for else None
+                elif shape != (h, w):
+                    raise VideoError(path, f"frame size changes mid-video (frame {i} resizes to {w}x{h}, "
+                                           f"earlier frames to {shape[1]}x{shape[0]})")
+                out[i] = preprocess.resize_frame(bgr, box)
             i += 1
     finally:
         cap.release()
-    return out, i
+    return out, i, shape
 
 
 def count_frames(path) -> int:
@@ -264,29 +333,28 @@ def read_clips(path, sampling: Sampling, preprocess: Preprocess, views: int = 1,
         n = count_frames(path)
     if n <= 0:
         raise VideoError(path, "no decodable frames")
+    size = preprocess.crop
+
+    def crops_for(h, w):
+        return clip_crops(h, w, size, len(idx), views, seed, flip)
+
+    def box_for(h, w):
+        return crop_box(crops_for(h, w), size)
+
     idx = sampling.indices(n)
-    frames, decoded = decode_frames(path, set(idx.ravel().tolist()), preprocess)
+    frames, decoded, shape = decode_frames(path, set(idx.ravel().tolist()), preprocess, box_for)
     if len(frames) < len(set(idx.ravel().tolist())):
         n = decoded if decoded < n else count_frames(path)
         if n <= 0:
             raise VideoError(path, "no decodable frames (truncated or corrupt)")
         idx = sampling.indices(n)
-        frames, decoded = decode_frames(path, set(idx.ravel().tolist()), preprocess)
+        frames, decoded, shape = decode_frames(path, set(idx.ravel().tolist()), preprocess, box_for)
         if len(frames) < len(set(idx.ravel().tolist())):
             raise VideoError(path, f"frames stop decoding unpredictably after {decoded} of {header} frames")
-    h, w = next(iter(frames.values())).shape[:2]
-    size = preprocess.crop
-    crops = []
-    for v in range(views):
-        row = []
-        for c in range(len(idx)):
-            if v == 0:
-                row.append(center_crop(h, w, size))
-            else:
-                row.append(random_crop(h, w, size, np.random.default_rng([seed, v, c]), flip))
-        crops.append(row)
-    clips = np.stack([np.stack([cut_clip(frames, idx[c], crops[v][c], size) for c in range(len(idx))])
-                      for v in range(views)])
+    crops = crops_for(*shape)
+    y0, _, x0, _ = crop_box(crops, size)   # the frames hold only this region
+    clips = np.stack([np.stack([cut_clip(frames, idx[c], Crop(cr.y - y0, cr.x - x0, cr.flip), size)
+                                for c, cr in enumerate(row)]) for row in crops])
     if not raw:
         clips = np.stack([np.stack([normalize(c) for c in view]) for view in clips])
     return VideoClips(clips, idx, n, header, fps, (width, height), crops)

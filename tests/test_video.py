@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
 
-from pipeline.video import (MFNET_MEAN, MFNET_STD, Crop, Preprocess, Sampling, VideoError, center_crop,
-                            cut_clip, dense_indices, normalize, read_clips, segment_indices)
+import cv2
+
+from pipeline.video import (MFNET_MEAN, MFNET_STD, Crop, Preprocess, Sampling, VideoError, _region_plan,
+                            center_crop, cut_clip, dense_indices, normalize, read_clips, resize_region,
+                            segment_indices)
 
 
 def test_segments_long_video_spreads_frames_uniformly():
@@ -72,6 +75,47 @@ def test_torch_normalisation_matches_numpy():
     from pipeline.video import normalize_batch
     clip = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
     assert np.allclose(normalize_batch(torch.from_numpy(clip[None]))[0].numpy(), normalize(clip), atol=1e-6)
+
+
+@pytest.mark.parametrize("src,dst,box", [((320, 240), (256, 256), (72, 184, 72, 184)),
+                                         ((320, 240), (341, 256), (72, 184, 114, 226)),
+                                         ((176, 144), (256, 256), (3, 115, 140, 252)),
+                                         ((341, 256), (256, 256), (0, 112, 0, 256))])
+def test_resize_region_is_the_full_resize_cut(src, dst, box):
+    img = np.random.default_rng(1).integers(0, 256, (src[1], src[0], 3), dtype=np.uint8)
+    full = cv2.resize(img, dst, interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(resize_region(img, dst, box), full[box[0]:box[1], box[2]:box[3]])
+
+
+def test_paper_geometry_resizes_only_around_the_crop():
+    # 320x240 -> 256x256, centre 112 crop: source periods are 5 columns and 15 rows
+    rows, cols, out_size, offset = _region_plan(320, 240, 256, 256, 72, 184, 72, 184)
+    assert (rows, cols) == (slice(60, 180), slice(85, 235)) and out_size == (120, 128) and offset == (8, 4)
+
+
+def test_clips_equal_whole_frame_preprocessing(tmp_path):
+    # colourful frames, so a channel swap or a one-level rounding difference would show
+    rng = np.random.default_rng(3)
+    path = tmp_path / "colour.avi"
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (160, 120))
+    for _ in range(30):
+        w.write(cv2.resize(rng.integers(0, 256, (15, 20, 3), dtype=np.uint8), (160, 120)))
+    w.release()
+    cap = cv2.VideoCapture(str(path))
+    decoded = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        decoded.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    for pre in (Preprocess(resize=128, crop=64), Preprocess(resize_mode="short", resize=100, crop=64)):
+        out = read_clips(path, Sampling(clips=3, frames=4), pre, views=3, seed=5, raw=True)
+        size = pre.resized_size(160, 120)
+        for v, row in enumerate(out.crops):
+            for c, cr in enumerate(row):
+                ref = np.stack([cv2.resize(decoded[i], size, interpolation=cv2.INTER_LINEAR)
+                                [cr.y:cr.y + 64, cr.x:cr.x + 64] for i in out.indices[c]])
+                assert np.array_equal(out.clips[v, c], ref[:, :, ::-1] if cr.flip else ref)
 
 
 def test_resize_modes():
