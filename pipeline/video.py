@@ -362,8 +362,7 @@ def read_clips(path, sampling: Sampling, preprocess: Preprocess, views: int = 1,
 
 def read_clips_or_reason(path, sampling: Sampling, preprocess: Preprocess, views: int, seed: int,
                          flip: bool) -> tuple[VideoClips | None, str]:
-    """`read_clips(..., raw=True)` for decoding workers: (clips, "") or (None, why the file is unusable).
-    Lives here so that a worker process imports only OpenCV and NumPy, not torch."""
+    """`read_clips(..., raw=True)` for decoding workers: (clips, "") or (None, why the file is unusable)."""
     try:
         return read_clips(path, sampling, preprocess, views, seed, flip, raw=True), ""
     except VideoError as e:
