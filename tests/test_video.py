@@ -77,6 +77,17 @@ def test_torch_normalisation_matches_numpy():
     assert np.allclose(normalize_batch(torch.from_numpy(clip[None]))[0].numpy(), normalize(clip), atol=1e-6)
 
 
+def test_extraction_table_normalisation_is_normalize_batch_exactly():
+    import torch
+    from pipeline.extract import BatchForward, ExtractSettings
+    from pipeline.video import normalize_batch
+    forward = BatchForward(torch.nn.Identity(), torch.device("cpu"), ExtractSettings(), channels_last=False)
+    clips = np.random.default_rng(0).integers(0, 256, (2, 4, 8, 6, 3), dtype=np.uint8)
+    x = forward.normalize(clips)
+    assert x.shape == (2, 3, 4, 8, 6) and x.dtype == torch.float32
+    assert torch.equal(x, normalize_batch(torch.from_numpy(clips)))
+
+
 @pytest.mark.parametrize("src,dst,box", [((320, 240), (256, 256), (72, 184, 72, 184)),
                                          ((320, 240), (341, 256), (72, 184, 114, 226)),
                                          ((176, 144), (256, 256), (3, 115, 140, 252)),
