@@ -333,15 +333,14 @@ def read_clips(path, sampling: Sampling, preprocess: Preprocess, views: int = 1,
         n = count_frames(path)
     if n <= 0:
         raise VideoError(path, "no decodable frames")
-    size = preprocess.crop
+    size, idx = preprocess.crop, sampling.indices(n)
 
-    def crops_for(h, w):
+    def crops_for(h, w):   # of the current `idx`, which a second pass below may change
         return clip_crops(h, w, size, len(idx), views, seed, flip)
 
     def box_for(h, w):
         return crop_box(crops_for(h, w), size)
 
-    idx = sampling.indices(n)
     frames, decoded, shape = decode_frames(path, set(idx.ravel().tolist()), preprocess, box_for)
     if len(frames) < len(set(idx.ravel().tolist())):
         n = decoded if decoded < n else count_frames(path)
