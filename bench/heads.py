@@ -5,8 +5,8 @@
 Writes the pooled vectors (maps stored 768x1x1x1 to keep the file small: pooled heads never read
 them) and prints: LSTM training episodes/s (5-way 1-shot, 1 query per class) and the time of the
 paper's 18,000 episodes with both optimizer presets (validation every 250 timed apart), eval time
-for 600 x 10 episodes (lstm, mean), rvn eval episodes/s with the split first convolution vs the naive per-pair computation (in memory, UCF101 test size), and
-peak memory (max RSS) after each step.
+for 600 x 10 episodes (lstm, mean), rvn eval episodes/s with the split first convolution vs the
+naive per-pair computation (in memory, UCF101 test size), and peak memory (max RSS) after each step.
 """
 from __future__ import annotations
 

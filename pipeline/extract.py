@@ -176,10 +176,10 @@ class BatchForward:
             self.model = self.model.to(memory_format=self.memory_format)
         if device.type == "cpu":
             retain_freed_memory()
-        # normalize_batch's value for every uint8 level of every channel, (1, 256, 3): on CPU one table
-        # lookup per value (cv2.LUT) gives the same numbers as its three passes, 2.7x faster
-        levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256, 1).expand(1, 1, 1, 256, 3)
-        self.levels = normalize_batch(levels).permute(0, 2, 3, 4, 1).reshape(1, 256, 3).numpy()
+            # normalize_batch's value for every uint8 level of every channel, (1, 256, 3): one table
+            # lookup per value (cv2.LUT) gives the same numbers as its three passes, 2.7x faster
+            levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256, 1).expand(1, 1, 1, 256, 3)
+            self.levels = normalize_batch(levels).permute(0, 2, 3, 4, 1).reshape(1, 256, 3).numpy()
 
     def normalize(self, clips: np.ndarray) -> torch.Tensor:
         """uint8 (B, F, H, W, 3) RGB -> float32 (B, 3, F, H, W) on the device, as `normalize_batch`."""
@@ -195,6 +195,11 @@ class BatchForward:
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             y = self.model.forward_features(x, self.layer)
         return y.float().contiguous().cpu().numpy()
+
+
+def pool_maps(maps: np.ndarray) -> np.ndarray:
+    """(n, C, t, h, w) clip maps -> (n, C) float32: the cache's pooled view, a spatio-temporal mean."""
+    return maps.reshape(len(maps), maps.shape[1], -1).mean(-1, dtype=np.float32)
 
 
 def _compute_part(group, decoded, forward, batch_size, bar):
@@ -227,7 +232,7 @@ def _compute_part(group, decoded, forward, batch_size, bar):
     for r, n in results:
         if n:
             r.maps = maps[pos:pos + n]
-            r.pooled = r.maps.reshape(n, r.maps.shape[1], -1).mean(-1)
+            r.pooled = pool_maps(r.maps)
             pos += n
     return [r for r, _ in results]
 

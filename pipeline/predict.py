@@ -18,7 +18,7 @@ from .backbones.mfnet import MFNet3D, random_mfnet, sha256
 from .datasets import scan
 from .episodes import cosine_scores, prototypes
 from .evaluate import load_checkpoint
-from .extract import BatchForward, ExtractSettings, pick_device
+from .extract import BatchForward, ExtractSettings, pick_device, pool_maps
 from .store import settings_hash
 from .video import VIDEO_EXTENSIONS, VideoError, read_clips
 
@@ -76,8 +76,7 @@ class Embedder:
         vc = read_clips(path, s.sampling, s.preprocess, views=1, raw=True)
         self.decoded += 1
         maps = self.forward()(vc.clips[0])                       # (T, 768, t, h, w)
-        pooled = maps.reshape(len(maps), maps.shape[1], -1).mean(-1)
-        e = Embedded(pooled.astype(np.float32), maps.mean(0).astype(np.float16), False)
+        e = Embedded(pool_maps(maps), maps.mean(0).astype(np.float16), False)
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = f.with_name(f.stem + ".tmp.npz")
         np.savez(tmp, pooled=e.pooled, maps=e.maps)
