@@ -16,11 +16,13 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# The demo is the DVC pipeline (dvc.yaml with params.yaml); a second run finds everything up to date.
 demo: $(STAMP)
-	$(BIN)/python -m stages.demo
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	$(BIN)/python -m stages.summary
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf data/demo cache/*.h5 runs
+	rm -rf data/demo data/demo_predict cache/*.h5 cache/*.episodes runs metrics/*.npy reports predictions

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.backbones.mfnet import random_mfnet  # noqa: E402
-from pipeline.datasets import load_split, resolve  # noqa: E402
-from pipeline.extract import ExtractSettings, extract, load_backbone, retain_freed_memory  # noqa: E402
+from pipeline.extraction.mfnet import random_mfnet  # noqa: E402
+from pipeline.extraction.datasets import load_split, resolve  # noqa: E402
+from pipeline.extraction.backbone import Backbone, retain_freed_memory  # noqa: E402
+from pipeline.extraction.extractor import extract_features  # noqa: E402
+from pipeline.extraction.settings import ExtractSettings  # noqa: E402
 from pipeline.store import FeatureStore  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -113,9 +115,8 @@ def main():
     for prec in ("fp32", "bf16"):
         # forward-only again right before, so that the ratio compares the same moment of a shared machine
         fwd = forward_rate(model, x, True, None if prec == "fp32" else torch.bfloat16)
-        mdl, info = load_backbone(None, 0)
         s = ExtractSettings(precision=prec)
-        r = extract(entries, tmp / f"{prec}.h5", s, mdl, info, batch_size=a.batch, workers=a.workers, channels_last=True,
+        r = extract_features(entries, tmp / f"{prec}.h5", s, Backbone.load(None, 0), batch_size=a.batch, workers=a.workers, channels_last=True,
                     progress=False)
         print(f"end-to-end extract, {len(entries)} demo videos, {prec}: {r['clips_per_s']:.1f} clips/s "
               f"({r['computed_clips']} clips in {r['seconds']:.1f} s) = {r['clips_per_s'] / fwd:.2f} x forward only "

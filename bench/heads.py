@@ -23,9 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from cachegen import write_cache  # noqa: E402
-from pipeline import heads  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.trainer import TrainConfig, train  # noqa: E402
+from pipeline.fewshot import heads  # noqa: E402
+from pipeline.fewshot.evaluate import evaluate  # noqa: E402
+from pipeline.fewshot.train import TrainConfig, train  # noqa: E402
 
 SPLIT = {"train": (70, 9154), "val": (10, 1421), "test": (21, 2745)}
 
@@ -75,8 +75,8 @@ def main():
             x = maps[torch.from_numpy(ep.ravel())].float().view(5, 16, 768, 8, 4, 4)
             head.naive(x[:, :1].mean(1), x[:, 1:].flatten(0, 1))
         naive = len(eps) / (time.perf_counter() - t)
-        from pipeline.evaluate import episode_accuracies
-        from pipeline.features import SplitFeatures
+        from pipeline.fewshot.evaluate import episode_accuracies
+        from pipeline.fewshot.features import SplitFeatures
         feats = SplitFeatures(np.arange(2745).astype(str), np.zeros(2745).astype(str), maps[:, None].numpy(), 1)
         t = time.perf_counter()
         episode_accuracies(head, feats, np.concatenate([eps] * 5), 1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -9,11 +10,27 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Few-shot video action recognition: extract MFNet features once, train and evaluate heads over the cache.")
+_debug = False
 
 
-def fail(msg: str) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", envvar="PIPELINE_DEBUG",
+                                     help="Show the traceback of an error instead of one line.")):
+    global _debug
+    _debug = debug
+
+
+def main():
+    """Runs a command; an input error (PipelineError) ends as one line naming the file and the
+    reason, with exit code 2."""
+    from .errors import PipelineError
+    try:
+        app()
+    except PipelineError as e:
+        if _debug:
+            raise
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 @app.command("demo-data")
@@ -24,11 +41,8 @@ def demo_data(out: Path = typer.Option(Path("data/demo"), help="Folder to write 
               max_seconds: float = typer.Option(6.0, help="Longest video, seconds."),
               jobs: int = typer.Option(2, help="Parallel writer processes.")):
     """Generate the embedded synthetic demo dataset (folder-per-class videos + split files)."""
-    from .demo_data import generate
-    try:
-        m = generate(out, seed, videos_per_class, (min_seconds, max_seconds), jobs)
-    except FileExistsError as e:
-        fail(str(e))
+    from .tools.demo_data import generate
+    m = generate(out, seed, videos_per_class, (min_seconds, max_seconds), jobs)
     n = sum(len(c) for c in m["classes"].values())
     typer.echo(f"demo dataset in {out}: {n} classes x {videos_per_class} videos; split files in {out / 'splits'}")
 
@@ -40,11 +54,8 @@ def scan(root: Path = typer.Option(..., help="Dataset root: one folder per class
          allow_missing: bool = typer.Option(False, help="Go on when a per-video list names missing videos."),
          probe_videos: bool = typer.Option(False, "--probe", help="Open every video and report frames, fps and size.")):
     """Check a dataset against a split and report what was found."""
-    from .datasets import DatasetError, load_split, resolve, summarize
-    try:
-        entries, problems = resolve(load_split(split), root, layout, allow_missing)
-    except DatasetError as e:
-        fail(str(e))
+    from .extraction.datasets import load_split, resolve, summarize
+    entries, problems = resolve(load_split(split), root, layout, allow_missing)
     typer.echo(summarize(entries, problems, probe_videos))
 
 
@@ -78,24 +89,22 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
             allow_missing: bool = typer.Option(False, help="Go on when a per-video list names missing videos.")):
     """Stage one: run MFNet over every clip and write the HDF5 feature cache (resumable, shardable)."""
-    from .datasets import DatasetError, load_split, resolve
-    from .extract import ExtractSettings, extract as run_extract, load_backbone
-    from .store import CacheMismatch
-    from .video import Preprocess, Sampling
-    try:
-        sp = load_split(split)
-        entries, problems = resolve(sp, root, layout, allow_missing)
-        for f, why in problems:
-            typer.echo(f"skipped {f}: {why}", err=True)
-        model, info = load_backbone(weights or None, seed)
-        settings = ExtractSettings(Sampling(sampling, clips, frames, step, stride), Preprocess(resize_mode, resize, crop),
-                                   views, seed, flip, layer, dtype, compression, precision, info["weights_sha256"])
-        summary = run_extract(entries, out, settings, model, info, batch_size=batch_size, workers=workers,
-                              device=device, shard=shard, part_size=part_size, overwrite=overwrite,
-                              channels_last=channels_last,
-                              extra_provenance=dict(root=str(root), layout=layout, split=sp.name))
-    except (DatasetError, CacheMismatch, ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    from .extraction.backbone import Backbone
+    from .extraction.datasets import load_split, resolve
+    from .extraction.extractor import extract_features
+    from .extraction.settings import ExtractSettings
+    from .extraction.video import Preprocess, Sampling
+    sp = load_split(split)
+    entries, problems = resolve(sp, root, layout, allow_missing)
+    for f, why in problems:
+        typer.echo(f"skipped {f}: {why}", err=True)
+    backbone = Backbone.load(weights or None, seed)
+    settings = ExtractSettings(Sampling(sampling, clips, frames, step, stride), Preprocess(resize_mode, resize, crop),
+                               views, seed, flip, layer, dtype, compression, precision, backbone.sha256)
+    summary = extract_features(entries, out, settings, backbone, batch_size=batch_size, workers=workers,
+                               device=device, shard=shard, part_size=part_size, overwrite=overwrite,
+                               channels_last=channels_last,
+                               extra_provenance=dict(root=str(root), layout=layout, split=sp.name))
     if summary["status"] == "up to date":
         typer.echo(f"{summary['path']}: up to date ({summary['videos']} videos), nothing to do")
         return
@@ -113,33 +122,42 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
 def merge_cmd(shards: List[Path] = typer.Argument(..., help="Shard files written by `extract --shard i/N`."),
               out: Path = typer.Option(..., help="Merged cache file.")):
     """Join shard caches into one, checking settings agree and every video is present exactly once."""
-    from .store import CacheMismatch, FeatureStore, merge
-    try:
+    from .files import exclusive
+    from .store import FeatureStore, merge
+    with exclusive(out, "feature cache"):
         n = merge(shards, out)
-        with FeatureStore(out) as s:
-            total = s.provenance.get("shard", "0/1").split("/")[1]
-        if str(len(shards)) != total:
-            typer.echo(f"warning: {len(shards)} shard file(s) given but they were written as {total} shards", err=True)
-    except (CacheMismatch, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    with FeatureStore(out) as s:
+        total = s.provenance.get("shard", "0/1").split("/")[1]
+    if str(len(shards)) != total:
+        typer.echo(f"warning: {len(shards)} shard file(s) given but they were written as {total} shards", err=True)
     typer.echo(f"{out}: {n} videos from {len(shards)} shard(s)")
 
 
+HEAD_FILE_HELP = "A Python file of your own heads (registered with @register); recorded in the checkpoint."
+
+
 @app.command()
-def heads():
-    """List the registered heads and what each consumes from the cache."""
-    from . import heads as registry
+def heads(head_file: Optional[Path] = typer.Option(None, help=HEAD_FILE_HELP)):
+    """List the registered heads: what each reads from the cache, what it is, and its options."""
+    from .fewshot import heads as registry
+    if head_file:
+        registry.load_head_file(head_file)
     for name, cls in sorted(registry.HEADS.items()):
         doc = " ".join((cls.__doc__ or "").split()).split(". ")[0]
-        typer.echo(f"{name:6s} {cls.kind:9s} reads {cls.consumes:6s}  {doc}")
+        typer.echo(f"{name:8s} reads {cls.consumes:6s}  {doc}")
+        for opt, typ, default, meta in registry.option_fields(cls):
+            typer.echo(f"{'':10s}--head-opt {opt}=... ({registry.type_name(typ)}, default {registry.show(default)}): "
+                       f"{meta.get('help', '')}")
 
 
 @app.command()
-def train(cache: Path = typer.Option(..., help="Feature cache written by `pipeline extract`."),
+def train(ctx: typer.Context,
+          cache: Path = typer.Option(..., help="Feature cache written by `pipeline extract`."),
           out: Path = typer.Option(..., help="Run folder: best.pt, last.pt, curve.csv/json."),
           head: str = typer.Option("lstm", help="Head name (see `pipeline heads`)."),
-          hidden: int = typer.Option(512, help="lstm: hidden units."),
-          loss: str = typer.Option("circle", help="circle | ce | mse (mse: relation heads)."),
+          head_opt: List[str] = typer.Option([], "--head-opt", help="A head option as key=value (repeat; see `pipeline heads`), e.g. --head-opt hidden=256."),
+          head_file: Optional[Path] = typer.Option(None, help=HEAD_FILE_HELP),
+          loss: str = typer.Option("circle", help="circle | ce | mse (mse: regress scores to the one-hot target, as RVN)."),
           gamma: float = typer.Option(128.0, help="circle: scale factor gamma."),
           margin: float = typer.Option(0.4, help="circle: relaxation margin m."),
           scale: float = typer.Option(10.0, help="ce: scale of the cosine logits."),
@@ -152,19 +170,48 @@ def train(cache: Path = typer.Option(..., help="Feature cache written by `pipeli
           val_every: int = typer.Option(250, help="Validate every this many episodes."),
           val_episodes: int = typer.Option(300, help="Fixed validation episodes."),
           val_query: int = typer.Option(15, help="Queries per class in validation episodes."),
-          seed: int = typer.Option(0, help="Seed of initialisation and episode sampling.")):
+          seed: int = typer.Option(0, help="Seed of initialisation and episode sampling."),
+          params: Optional[Path] = typer.Option(None, help="Take the training settings from this params file (e.g. params.yaml) ..."),
+          run: Optional[str] = typer.Option(None, help="... entry runs.RUN of it (then no other training option may be given).")):
     """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
-    from .trainer import TrainConfig, TrainingError, train as run_train
-    from .episodes import EpisodeError
-    from .features import FeatureError
-    try:
-        cfg = TrainConfig(head, hidden, loss, gamma, margin, scale, optimizer, lr, episodes, n_way, k_shot, q_query,
-                          val_every, val_episodes, val_query, seed)
-        r = run_train(cache, out, cfg, log=typer.echo)
-    except (ValueError, TrainingError, EpisodeError, FeatureError, FileNotFoundError) as e:
-        fail(str(e))
+    from .errors import ConfigError
+    from .fewshot.heads import parse_assignments
+    from .fewshot.train import TrainConfig, train as run_train
+    if (params is None) != (run is None):
+        raise ConfigError("--params and --run go together")
+    if params:
+        given = [n for n in ("head", "head_opt", "head_file", "loss", "gamma", "margin", "scale", "optimizer", "lr",
+                             "episodes", "n_way", "k_shot", "q_query", "val_every", "val_episodes", "val_query", "seed")
+                 if ctx.get_parameter_source(n).name == "COMMANDLINE"]
+        if given:
+            raise ConfigError(f"--run {run} takes its settings from {params}; do not also give "
+                              + ", ".join("--" + g.replace("_", "-") for g in given))
+        cfg = TrainConfig.from_mapping(run_entry(params, run), f"{params}: runs.{run}")
+    else:
+        cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
+                          scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
+                          seed)
+    r = run_train(cache, out, cfg, log=typer.echo)
     typer.echo(f"{out}: best validation accuracy {100 * r['best_val']:.2f}% after {r['episodes']} episodes "
                f"({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating); checkpoint {out / 'best.pt'}")
+
+
+def run_entry(params: Path, run: str) -> dict:
+    """The mapping runs.RUN of a params file, with errors naming the file and the key."""
+    import yaml
+
+    from .errors import ConfigError, MissingFile
+    if not params.is_file():
+        raise MissingFile(f"params file {params} does not exist")
+    try:
+        doc = yaml.safe_load(params.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{params}: not valid YAML ({e})") from None
+    runs = doc.get("runs") if isinstance(doc, dict) else None
+    if not isinstance(runs, dict) or run not in runs:
+        known = ", ".join(runs) if isinstance(runs, dict) else "none"
+        raise ConfigError(f"{params}: no run runs.{run} (runs there: {known})")
+    return runs[run]
 
 
 @app.command("eval")
@@ -172,7 +219,7 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="One or more bes
              cache: Path = typer.Option(..., help="Feature cache the heads were trained on."),
              metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write (one checkpoint) or a folder (several)."),
              n_way: int = typer.Option(5, help="N-way."),
-             k_shot: int = typer.Option(1, help="K-shot."),
+             k_shot: Optional[int] = typer.Option(None, help="K-shot (default: the K the checkpoints were trained with)."),
              q_query: int = typer.Option(15, help="Queries per class."),
              episodes: int = typer.Option(600, help="Episodes per run."),
              runs: int = typer.Option(10, help="Runs."),
@@ -180,14 +227,8 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="One or more bes
              part: str = typer.Option("test", help="test | val."),
              accuracies: Optional[Path] = typer.Option(None, help="Also save per-episode accuracies (.npy, one checkpoint) for paired comparisons in `pipeline report`.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
-    from .episodes import EpisodeError
-    from .evaluate import evaluate, table, write_metrics
-    from .features import FeatureError
-    from .store import CacheMismatch
-    try:
-        results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part)
-    except (CacheMismatch, EpisodeError, FeatureError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    from .fewshot.evaluate import evaluate, table, write_metrics
+    results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part)
     typer.echo(table(results))
     if accuracies:
         import numpy as np
@@ -206,17 +247,14 @@ def predict(checkpoint: Path = typer.Option(..., help="A trained head (best.pt).
             support: Path = typer.Option(..., help="Folder with one sub-folder of example videos per new class."),
             query: List[Path] = typer.Argument(..., help="Query videos or folders of videos."),
             weights: Optional[str] = typer.Option(None, help="MFNet weights (default: the file recorded when the cache was made)."),
+            head_file: Optional[Path] = typer.Option(None, help="Where the head's file is now, if it moved since training (its sha256 must match)."),
             cache_dir: Path = typer.Option(Path("cache/predict"), help="Where per-video features are kept for reuse."),
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
             as_json: bool = typer.Option(False, "--json", help="Print JSON."),
             as_csv: bool = typer.Option(False, "--csv", help="Print CSV.")):
     """Recognise your own actions: classify query videos against K example videos per new class."""
-    from .predict import PredictError, format_table, predict as run_predict, to_json
-    from .datasets import DatasetError
-    try:
-        out = run_predict(checkpoint, support, query, weights, cache_dir, device)
-    except (PredictError, DatasetError, FileNotFoundError, ValueError) as e:
-        fail(str(e))
+    from .tools.predict import format_table, predict as run_predict, to_json
+    out = run_predict(checkpoint, support, query, weights, cache_dir, device, str(head_file) if head_file else None)
     if as_json:
         typer.echo(to_json(out))
     elif as_csv:
@@ -240,12 +278,9 @@ def predict(checkpoint: Path = typer.Option(..., help="A trained head (best.pt).
 
 @app.command()
 def info(path: Path = typer.Argument(..., help="A feature cache (.h5) or a checkpoint (.pt).")):
-    """Inspect a cache (provenance, counts, failures, size) or a checkpoint (head, training, cache)."""
-    from .inspect import describe
-    try:
-        typer.echo(describe(path))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        fail(str(e))
+    """Inspect a cache (provenance, counts, failures, size) or a checkpoint (head, options, training, cache)."""
+    from .tools.info import describe
+    typer.echo(describe(path))
 
 
 @app.command()
@@ -254,14 +289,6 @@ def report(metrics: Path = typer.Option(Path("metrics"), help="Folder of metrics
            cache: Optional[Path] = typer.Option(None, help="Feature cache, for the similarity matrix and t-SNE."),
            out: Path = typer.Option(Path("reports"), help="Where tables, figures and index.md go.")):
     """The paper's tables and figures: results table, similarity matrix, t-SNE, sweep curves, learning curves."""
-    from .report import report as run_report
-    try:
-        written = run_report(metrics, runs, cache, out)
-    except FileNotFoundError as e:
-        fail(str(e))
-    for f in written:
+    from .tools.report import report as run_report
+    for f in run_report(metrics, runs, cache, out):
         typer.echo(f"wrote {f}")
-
-
-def main():
-    app()

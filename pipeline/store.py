@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from .errors import MissingFile, PipelineError
+from .files import atomic_path
 
 FORMAT_VERSION = 1
 STR = h5py.string_dtype("utf-8")
@@ -36,13 +38,33 @@ COMPRESSION = {"none": {}, "lzf": {"compression": "lzf", "shuffle": True},
                "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}}
 
 
-class CacheMismatch(Exception):
+class CacheError(PipelineError):
+    """A cache file that cannot be read as a feature cache."""
+
+
+class CacheMismatch(CacheError):
     """A cache file made with other settings than the ones asked for."""
 
 
 def settings_diff(a: dict, b: dict) -> list[str]:
     """The top-level keys whose values differ between two settings dicts."""
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def check_settings(have: dict | None, wanted: dict, what, fix: str) -> None:
+    """The one settings comparison: `what` (a file, folder or checkpoint) holds `have`; anything
+    but `wanted` is refused with each differing key, both values, and `fix` (what to do)."""
+    if have == wanted:
+        return
+    if have is None:
+        raise CacheMismatch(f"{what} is not a feature cache made by this tool; {fix}")
+    detail = "; ".join(f"{k}: {have.get(k)!r} there vs {wanted.get(k)!r} here" for k in settings_diff(have, wanted))
+    raise CacheMismatch(f"{what} was made with other settings ({detail}); {fix}")
+
+
+def pool_maps(maps: np.ndarray) -> np.ndarray:
+    """(n, C, t, h, w) clip maps -> (n, C) float32: the cache's pooled view, a spatio-temporal mean."""
+    return maps.reshape(len(maps), maps.shape[1], -1).mean(-1, dtype=np.float32)
 
 
 def settings_hash(settings: dict) -> str:
@@ -141,8 +163,15 @@ class StoreWriter:
             self.flush()
 
     def close(self) -> None:
-        self.flush()
-        self.f.close()
+        if self.f:
+            self.flush()
+            self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class FeatureStore:
@@ -151,13 +180,14 @@ class FeatureStore:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"feature cache {self.path} does not exist (run `pipeline extract`)")
+            raise MissingFile(f"feature cache {self.path} does not exist (run `pipeline extract`)")
         try:
             self.f = h5py.File(self.path, "r")
         except OSError as e:
-            raise CacheMismatch(f"feature cache {self.path}: not a readable HDF5 file ({e})") from e
+            raise CacheError(f"feature cache {self.path}: not a readable HDF5 file ({e})") from e
         if self.f.attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheMismatch(f"feature cache {self.path}: format version {self.f.attrs.get('format_version')}, "
+            self.f.close()
+            raise CacheError(f"feature cache {self.path}: format version {self.f.attrs.get('format_version')}, "
                                 f"this code reads {FORMAT_VERSION}")
         self.settings = json.loads(self.f.attrs["settings"])
         self.settings_hash = self.f.attrs["settings_hash"]
@@ -209,14 +239,12 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
-        raise ValueError("merge: no input files")
+        raise CacheError("merge: no input files")
     stores = [FeatureStore(p) for p in inputs]
     try:
         ref = settings if settings is not None else stores[0].settings
         for s in stores:
-            if s.settings != ref:
-                raise CacheMismatch(f"{s.path} was made with other settings "
-                                    f"(differs in: {', '.join(settings_diff(ref, s.settings))})")
+            check_settings(s.settings, ref, s.path, f"it cannot be merged with {stores[0].path}")
         where = {}
         for si, s in enumerate(stores):
             for vi, o in enumerate(s.videos["order"]):
@@ -228,12 +256,9 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
             missing = sorted(set(expect_orders) - set(where))
             if missing:
                 raise CacheMismatch(f"merge: {len(missing)} video(s) missing from the inputs (orders {missing[:5]}...)")
-        out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
         first = stores[0]
-        writer = StoreWriter(tmp, ref, first.provenance, first.f["features"].shape[1:],
-                             first.f["clips/frame_indices"].shape[1])
-        try:
+        with atomic_path(out) as tmp, StoreWriter(tmp, ref, first.provenance, first.f["features"].shape[1:],
+                                                  first.f["clips/frame_indices"].shape[1]) as writer:
             for o in sorted(where):
                 si, vi = where[o]
                 s = stores[si]
@@ -248,9 +273,6 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
                     v.pooled = s.f["pooled"][r:r + n]
                     v.frame_indices = s.f["clips/frame_indices"][r:r + s.videos["n_clips"][vi]]
                 writer.add(v)
-        finally:
-            writer.close()
-        os.replace(tmp, out)
         return len(where)
     finally:
         for s in stores:

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.datasets import DatasetError, load_split, resolve, scan
+from pipeline.extraction.datasets import DatasetError, load_split, resolve, scan
 
 # The paper's supplementary lists, as printed (spaces, "Ski-jet"), for the classes that differ
 # from the folder names; the configs must hold the real folder names.

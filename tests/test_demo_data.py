@@ -3,9 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from pipeline import demo_data
-from pipeline.datasets import load_split, resolve
-from pipeline.video import Preprocess, Sampling, read_clips
+from pipeline.tools import demo_data
+from pipeline.extraction.datasets import load_split, resolve
+from pipeline.extraction.video import Preprocess, Sampling, read_clips
 
 
 def test_class_design_has_reversed_pairs_in_every_part():

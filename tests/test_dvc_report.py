@@ -13,7 +13,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DVC = str(Path(sys.executable).with_name("dvc"))
 
-TINY_RUN = dict(head="lstm", hidden=16, loss="circle", gamma=32, margin=0.25, optimizer="head", episodes=20,
+TINY_RUN = dict(head="lstm", head_options=dict(hidden=16), loss="circle", gamma=32, margin=0.25, optimizer="head", episodes=20,
                 k_shot=1, val_query=2, seed=0)
 
 
@@ -22,7 +22,7 @@ def tiny_params():
     p["data"].update(videos_per_class=4, min_seconds=0.6, max_seconds=0.8)
     p["extract"].update(frames=4, resize=40, crop=32, precision="fp32", workers=0)
     p["eval"].update(q_query=2, episodes=5, runs=2)
-    p["runs"] = {"lstm": TINY_RUN, "mean": dict(TINY_RUN, head="mean")}
+    p["runs"] = {"lstm_circle": TINY_RUN, "mean": dict(TINY_RUN, head="mean", head_options={})}
     return p
 
 
@@ -36,20 +36,23 @@ def dvc(cwd, *args):
 @pytest.mark.skipif(not Path(DVC).exists(), reason="dvc not installed in this environment")
 def test_dvc_repro_runs_then_is_a_no_op_then_reruns_only_train(tmp_path):
     shutil.copy(ROOT / "dvc.yaml", tmp_path)
-    shutil.copytree(ROOT / "pipeline", tmp_path / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for code in ("pipeline", "stages"):
+        shutil.copytree(ROOT / code, tmp_path / code, ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     dvc(tmp_path, "init", "--no-scm", "-q")
     first = dvc(tmp_path, "repro")
-    for stage in ("demo_data", "extract", "train@lstm", "train@mean", "eval@lstm", "eval@mean", "report"):
+    for stage in ("demo_data", "extract", "train@lstm_circle", "train@mean", "eval@lstm_circle", "eval@mean", "report",
+                  "predict_demo"):
         assert f"Running stage '{stage}'" in first
-    assert (tmp_path / "reports/index.md").exists() and (tmp_path / "metrics/lstm.json").exists()
+    assert (tmp_path / "reports/index.md").exists() and (tmp_path / "metrics/lstm_circle.json").exists()
+    assert len(json.loads((tmp_path / "predictions/demo.json").read_text())["results"]) == 12
     second = dvc(tmp_path, "repro")
     assert "Running stage" not in second and "up to date" in second
     p = tiny_params()
-    p["runs"]["lstm"]["hidden"] = 8
+    p["runs"]["lstm_circle"]["head_options"]["hidden"] = 8
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     third = dvc(tmp_path, "repro")
-    assert "Running stage 'train@lstm'" in third and "Running stage 'eval@lstm'" in third
+    assert "Running stage 'train@lstm_circle'" in third and "Running stage 'eval@lstm_circle'" in third
     assert "Running stage 'extract'" not in third and "Running stage 'train@mean'" not in third
     shown = dvc(tmp_path, "metrics", "show", "--json")
     assert "accuracy" in shown and "ci95" in shown
@@ -58,7 +61,7 @@ def test_dvc_repro_runs_then_is_a_no_op_then_reruns_only_train(tmp_path):
 def fake_run(metrics, runs, name, head, loss, acc, gamma=128.0, margin=0.4, seed=0):
     rng = np.random.default_rng(seed)
     per = (rng.random(40) < acc).astype(float)
-    cfg = dict(head=head, hidden=512, loss=loss, gamma=gamma, margin=margin, n_way=5, k_shot=1, seed=0)
+    cfg = dict(head=head, head_options={}, loss=loss, gamma=gamma, margin=margin, n_way=5, k_shot=1, seed=0)
     m = dict(accuracy=float(per.mean()), ci95=float(1.96 * per.std(ddof=1) / np.sqrt(40)), episodes=40, runs=2,
              head=head, loss=loss, n_way=5, k_shot=1, q_query=15, seed=0, train_config=cfg)
     (metrics / f"{name}.json").write_text(json.dumps(m))
@@ -69,8 +72,8 @@ def fake_run(metrics, runs, name, head, loss, acc, gamma=128.0, margin=0.4, seed
 
 
 def test_report_on_metrics_fixtures(tmp_path):
-    from pipeline.metrics import paired
-    from pipeline.report import report
+    from pipeline.fewshot.metrics import paired
+    from pipeline.tools.report import report
     metrics, runs = tmp_path / "metrics", tmp_path / "runs"
     metrics.mkdir()
     best, best_acc = fake_run(metrics, runs, "a_best", "lstm", "circle", 0.9)

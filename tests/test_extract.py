@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import write_video
-from pipeline.datasets import load_split, resolve
-from pipeline.extract import ExtractSettings, extract, load_backbone, parse_shard
+from pipeline.extraction.datasets import load_split, resolve
+from pipeline.extraction.backbone import Backbone
+from pipeline.extraction.extractor import extract_features, parse_shard
+from pipeline.extraction.settings import ExtractSettings
 from pipeline.store import CacheMismatch, FeatureStore
-from pipeline.video import Preprocess, Sampling
+from pipeline.extraction.video import Preprocess, Sampling
 
 SMALL = ["--clips", "2", "--frames", "4", "--resize", "40", "--crop", "32", "--part-size", "2", "--workers", "0",
          "--batch-size", "3"]
@@ -148,15 +150,15 @@ def test_shard_from_environment(monkeypatch):
 def test_dense_sampling_and_library_call(dataset, tmp_path):
     root, split = dataset
     entries, _ = resolve(load_split(split), root)
-    model, info = load_backbone(None, 0)
+    backbone = Backbone.load(None, 0)
     s = ExtractSettings(Sampling("dense", frames=4, step=2), Preprocess(resize=40, crop=32))
-    summary = extract(entries[:2], tmp_path / "d.h5", s, model, info, workers=0, progress=False)
+    summary = extract_features(entries[:2], tmp_path / "d.h5", s, backbone, workers=0, progress=False)
     with FeatureStore(tmp_path / "d.h5") as st:
         # a_0 has 20 frames: windows of span 7 every 8 frames -> starts 0, 8, then 13 flush with the end
         assert st.videos["n_clips"][0] == 3
         assert st.f["clips/frame_indices"][:3, 0].tolist() == [0, 8, 13]
     assert summary["videos"] == 2
     with pytest.raises(CacheMismatch):
-        extract(entries[:2], tmp_path / "d.h5", ExtractSettings(Sampling("dense", frames=4, step=1),
-                                                                Preprocess(resize=40, crop=32)), model, info,
-                workers=0, progress=False)
+        extract_features(entries[:2], tmp_path / "d.h5", ExtractSettings(Sampling("dense", frames=4, step=1),
+                                                                         Preprocess(resize=40, crop=32)), backbone,
+                         workers=0, progress=False)

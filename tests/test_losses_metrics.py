@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.losses import circle_loss, episode_loss
-from pipeline.metrics import mean_ci, paired, summarize
+from pipeline.fewshot.losses import circle_loss, episode_loss
+from pipeline.fewshot.metrics import mean_ci, paired, summarize
 
 
 def by_hand(sp, sn, g, m):

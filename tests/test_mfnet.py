@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.backbones.mfnet import MFNet3D, random_mfnet
+from pipeline.extraction.mfnet import MFNet3D, random_mfnet
 
 REF = "../shared/reference/mfnet_state_dict_keys.tsv"
 

@@ -22,11 +22,11 @@ def trained(tmp_path_factory):
             write_video(d / "data" / c / f"{c}{i}.avi", 12 + i, size=(48, 40))
     split = d / "split"
     split.mkdir()
-    for part, cs in (("train", "abcd"), ("val", "e"), ("test", "f")):
+    for part, cs in (("train", "abc"), ("val", "de"), ("test", "f")):
         (split / f"{part}_classes.txt").write_text("\n".join(cs))
     assert cli("extract", "--root", str(d / "data"), "--split", str(split), "--out", str(d / "c.h5"),
                *SMALL).returncode == 0
-    r = cli("train", "--cache", str(d / "c.h5"), "--out", str(d / "run"), "--head", "mean", "--n-way", "1",
+    r = cli("train", "--cache", str(d / "c.h5"), "--out", str(d / "run"), "--head", "mean", "--n-way", "2",
             "--val-episodes", "2", "--val-query", "2")
     assert r.returncode == 0, r.stderr
     return d
@@ -102,7 +102,7 @@ def test_error_cases(trained, tmp_path):
 
 def test_info_on_cache_and_checkpoint(trained):
     r = cli("info", str(trained / "c.h5"))
-    assert r.returncode == 0 and "18 videos" in r.stdout and "train: 4 classes, 12 videos ok" in r.stdout
+    assert r.returncode == 0 and "18 videos" in r.stdout and "train: 3 classes, 9 videos ok" in r.stdout
     r = cli("info", str(trained / "run/best.pt"))
     assert r.returncode == 0 and "head mean" in r.stdout and "trained on cache" in r.stdout
     assert cli("info", str(trained / "nope.h5")).returncode == 2
@@ -110,7 +110,7 @@ def test_info_on_cache_and_checkpoint(trained):
 
 def test_relation_head_predicts_too(trained, tmp_path):
     r = cli("train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "rvn"), "--head", "rvn3", "--loss", "mse",
-            "--n-way", "1", "--episodes", "10", "--val-every", "10", "--val-episodes", "2", "--val-query", "2")
+            "--n-way", "2", "--episodes", "10", "--val-every", "10", "--val-episodes", "2", "--val-query", "2")
     assert r.returncode == 0, r.stderr
     sup = tmp_path / "support"
     flat_video(sup / "blue" / "b.avi", 60)

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import heads
-from pipeline.episodes import EpisodeError, EpisodeSampler, episode_file, fixed_episodes
-from pipeline.evaluate import evaluate
+from pipeline.fewshot import heads
+from pipeline.fewshot.episodes import EpisodeError, EpisodeSampler, episode_file, fixed_episodes
+from pipeline.fewshot.evaluate import evaluate
 from pipeline.store import CacheMismatch
-from pipeline.trainer import TrainConfig, TrainingError, train
+from pipeline.fewshot.train import TrainConfig, TrainingError, train
 
 from cachegen import order_cache, write_cache
 
@@ -55,22 +55,22 @@ def test_fixed_episode_file_is_stable(tmp_path):
 
 def test_head_shapes_and_rvn_split_equals_concatenation():
     x = torch.randn(4, 3, 768)
-    assert heads.build("lstm", hidden=64)(x).shape == (4, 64)
-    assert torch.allclose(heads.build("mean")(x), x.mean(1))
+    assert heads.build("lstm", {"hidden": 64}).encode(x).shape == (4, 64)
+    assert torch.allclose(heads.build("mean").encode(x), x.mean(1))
     for name in ("rvn1", "rvn2", "rvn3"):
         h = heads.build(name).eval()
-        s, q = torch.randn(5, 768, 8, 4, 4), torch.randn(7, 768, 8, 4, 4)
+        s, q = torch.randn(5, 2, 768, 8, 4, 4), torch.randn(7, 768, 8, 4, 4)    # 5-way 2-shot, 7 queries
         out = h(s, q)
         assert out.shape == (7, 5) and ((out > 0) & (out < 1)).all()
-        assert torch.allclose(out, h.naive(s, q), atol=1e-5)
+        assert torch.allclose(out, h.naive(s.mean(1), q), atol=1e-5)           # K-shot: the centroid's relation
     assert sorted(heads.HEADS) == ["lstm", "mean", "rvn1", "rvn2", "rvn3"]
 
 
 def test_lstm_head_equals_torch_lstm_values_and_gradients():
     torch.manual_seed(0)
-    head = heads.build("lstm", hidden=32)
+    head = heads.build("lstm", {"hidden": 32})
     x = torch.randn(6, 3, 768, requires_grad=True)
-    ours = head(x)
+    ours = head.encode(x)
     _, (h, _) = head.lstm(x)                       # the same parameters through nn.LSTM
     assert torch.allclose(ours, h[-1], atol=1e-6)
     w = torch.randn(6, 32)                         # a loss that weights every output differently
@@ -78,7 +78,7 @@ def test_lstm_head_equals_torch_lstm_values_and_gradients():
     g_ref = torch.autograd.grad((w * h[-1]).sum(), [x, *head.parameters()])
     for a, b in zip(g_ours, g_ref):
         assert torch.allclose(a, b, atol=1e-5)
-    assert torch.allclose(head(x[:, :1]), head.lstm(x[:, :1])[1][0][-1], atol=1e-6)   # T = 1
+    assert torch.allclose(head.encode(x[:, :1]), head.lstm(x[:, :1])[1][0][-1], atol=1e-6)   # T = 1
 
 
 FAST = dict(n_way=2, k_shot=1, q_query=2, val_every=100, val_episodes=40, val_query=5, lr=3e-3)
@@ -90,7 +90,7 @@ def cache(tmp_path_factory):
 
 
 def test_lstm_separates_order_only_classes_and_mean_cannot(cache, tmp_path):
-    r = train(cache, tmp_path / "lstm", TrainConfig(head="lstm", hidden=64, episodes=300, **FAST), progress=False)
+    r = train(cache, tmp_path / "lstm", TrainConfig(head="lstm", head_options={"hidden": 64}, episodes=300, **FAST), progress=False)
     train(cache, tmp_path / "mean", TrainConfig(head="mean", **FAST), progress=False)
     res, _ = evaluate([tmp_path / "lstm/best.pt", tmp_path / "mean/best.pt"], cache, n_way=2, k_shot=1, q_query=5,
                       episodes=50, runs=2)
@@ -102,7 +102,7 @@ def test_lstm_separates_order_only_classes_and_mean_cannot(cache, tmp_path):
 
 
 def test_training_lowers_the_loss_and_is_deterministic(cache, tmp_path):
-    cfg = TrainConfig(head="lstm", hidden=32, episodes=200, **FAST)
+    cfg = TrainConfig(head="lstm", head_options={"hidden": 32}, episodes=200, **FAST)
     train(cache, tmp_path / "a", cfg, progress=False)
     train(cache, tmp_path / "b", cfg, progress=False)
     curve = __import__("json").loads((tmp_path / "a/curve.json").read_text())
@@ -113,9 +113,9 @@ def test_training_lowers_the_loss_and_is_deterministic(cache, tmp_path):
 
 
 def test_interrupted_training_resumes_to_the_same_result(cache, tmp_path, monkeypatch):
-    cfg = TrainConfig(head="lstm", hidden=32, episodes=300, **FAST)
+    cfg = TrainConfig(head="lstm", head_options={"hidden": 32}, episodes=300, **FAST)
     train(cache, tmp_path / "full", cfg, progress=False)
-    import pipeline.trainer as tr
+    import pipeline.fewshot.train as tr
     real, calls = tr.validate, []
 
     def stop_on_second(*a, **k):
@@ -133,7 +133,7 @@ def test_interrupted_training_resumes_to_the_same_result(cache, tmp_path, monkey
     a = torch.load(tmp_path / "full/last.pt", weights_only=False)
     b = torch.load(tmp_path / "cut/last.pt", weights_only=False)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert a["curve"] == b["curve"]
+    assert a["resume"]["curve"] == b["resume"]["curve"]
 
 
 def test_rvn_trains_with_mse(cache, tmp_path):
@@ -147,7 +147,7 @@ def test_nan_loss_stops_with_the_episode_named(tmp_path):
     path = write_cache(tmp_path / "nan.h5", {f"c{i}": x[i] for i in range(6)},
                        {"c0": "train", "c1": "train", "c2": "val", "c3": "val", "c4": "test", "c5": "test"})
     with pytest.raises(TrainingError, match=r"episode \d+: loss is nan"):
-        train(path, tmp_path / "run", TrainConfig(head="lstm", hidden=8, episodes=200, n_way=2, k_shot=1, q_query=1,
+        train(path, tmp_path / "run", TrainConfig(head="lstm", head_options={"hidden": 8}, episodes=200, n_way=2, k_shot=1, q_query=1,
                                                   val_every=100, val_episodes=5, val_query=2), progress=False)
 
 

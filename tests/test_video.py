@@ -3,7 +3,7 @@ import pytest
 
 import cv2
 
-from pipeline.video import (MFNET_MEAN, MFNET_STD, Crop, Preprocess, Sampling, VideoError, _region_plan,
+from pipeline.extraction.video import (MFNET_MEAN, MFNET_STD, Crop, Preprocess, Sampling, VideoError, _region_plan,
                             center_crop, cut_clip, dense_indices, normalize, read_clips, resize_region,
                             segment_indices)
 
@@ -72,15 +72,16 @@ def test_center_crop_and_flip_are_the_same_for_all_frames():
 
 def test_torch_normalisation_matches_numpy():
     import torch
-    from pipeline.video import normalize_batch
+    from pipeline.extraction.video import normalize_batch
     clip = np.random.default_rng(0).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
     assert np.allclose(normalize_batch(torch.from_numpy(clip[None]))[0].numpy(), normalize(clip), atol=1e-6)
 
 
 def test_extraction_table_normalisation_is_normalize_batch_exactly():
     import torch
-    from pipeline.extract import BatchForward, ExtractSettings
-    from pipeline.video import normalize_batch
+    from pipeline.extraction.backbone import BatchForward
+    from pipeline.extraction.settings import ExtractSettings
+    from pipeline.extraction.video import normalize_batch
     forward = BatchForward(torch.nn.Identity(), torch.device("cpu"), ExtractSettings(), channels_last=False)
     clips = np.random.default_rng(0).integers(0, 256, (2, 4, 8, 6, 3), dtype=np.uint8)
     x = forward.normalize(clips)

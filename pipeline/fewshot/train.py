@@ -1,22 +1,23 @@
 """Stage two: episodic training of a head over the cached features."""
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import heads
-from .episodes import EpisodeSampler, cosine_scores, fixed_episodes, prototypes
+from ..errors import ConfigError, PipelineError
+from ..files import atomic_write_text, exclusive
+from ..store import FeatureStore
+from . import checkpoint, heads
+from .checkpoint import Checkpoint
+from .episodes import EpisodeSampler, fixed_episodes
 from .features import SplitFeatures, load
 from .losses import LOSSES, episode_loss
-from .store import FeatureStore
 
 # name -> (optimizer, lr, lr decay every, decay factor, episodes)
 OPTIMIZERS = {
@@ -28,14 +29,15 @@ OPTIMIZERS = {
 }
 
 
-class TrainingError(Exception):
+class TrainingError(PipelineError):
     pass
 
 
 @dataclass
 class TrainConfig:
     head: str = "lstm"
-    hidden: int = 512
+    head_options: dict = field(default_factory=dict)
+    head_file: str | None = None     # a user's file of heads (`--head-file`)
     loss: str = "circle"
     gamma: float = 128.0
     margin: float = 0.4
@@ -52,25 +54,51 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.head not in heads.HEADS:
-            raise ValueError(f"train.head: unknown head {self.head!r} (known: {', '.join(sorted(heads.HEADS))})")
+        if self.head_file:
+            heads.load_head_file(self.head_file)
+        # the options in full (defaults included, typed), so that equal configs compare equal
+        self.head_options = asdict(heads.parse_options(heads.get(self.head), self.head_options))
         if self.loss not in LOSSES:
-            raise ValueError(f"train.loss: unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
-        if self.loss == "mse" and heads.HEADS[self.head].kind != "relation":
-            raise ValueError(f"train.loss mse regresses relation scores; head {self.head!r} is an embedding head "
-                             "(use circle or ce)")
+            raise ConfigError(f"train.loss: unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"train.optimizer: unknown preset {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
-        for k in ("n_way", "k_shot", "q_query", "val_every", "val_episodes", "val_query", "hidden"):
+            raise ConfigError(f"train.optimizer: unknown preset {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+        for k in ("k_shot", "q_query", "val_every", "val_episodes", "val_query"):
             if getattr(self, k) < 1:
-                raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+                raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.n_way < 2:
+            raise ConfigError(f"train.n_way must be >= 2, got {self.n_way}")
+        if self.episodes is not None and self.episodes < 1:
+            raise ConfigError(f"train.episodes must be >= 1, got {self.episodes}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not self.gamma > 0:
+            raise ConfigError(f"train.gamma must be > 0, got {self.gamma}")
 
-    def head_config(self) -> dict:
-        return {"hidden": self.hidden} if self.head == "lstm" else {}
+    @classmethod
+    def from_mapping(cls, d: dict, where: str) -> "TrainConfig":
+        """A run from params.yaml (`where` names it, e.g. runs.lstm_circle): unknown keys and values
+        of the wrong type are errors that name the key."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a mapping of training settings, got {d!r}")
+        types = {f.name: f.type for f in fields(cls)}
+        for k, v in d.items():
+            if k not in types:
+                raise ConfigError(f"{where}.{k}: unknown setting (known: {', '.join(types)})")
+            want = types[k].split(" | ")[0]
+            ok = dict(int=lambda x: isinstance(x, int) and not isinstance(x, bool),
+                      float=lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
+                      str=lambda x: isinstance(x, str), dict=lambda x: isinstance(x, dict))[want]
+            if not (ok(v) or (v is None and "None" in types[k])):
+                raise ConfigError(f"{where}.{k}: expected {types[k]}, got {v!r}")
+        try:
+            return cls(**d)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
     def schedule(self):
         opt, lr, every, factor, episodes = OPTIMIZERS[self.optimizer]
-        return opt, self.lr or lr, every, factor, self.episodes or episodes
+        return (opt, lr if self.lr is None else self.lr, every, factor,
+                episodes if self.episodes is None else self.episodes)
 
 
 def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int, views: np.ndarray | None = None):
@@ -78,13 +106,9 @@ def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int,
     n, kq = episode.shape
     idx = episode.reshape(-1)
     vsel = np.zeros(len(idx), int) if views is None else views
-    x = torch.from_numpy(feats.x[idx, vsel]).float()
+    z = head.encode(torch.from_numpy(feats.x[idx, vsel]).float()).unflatten(0, (n, kq))   # (N, K+Q, ...)
     target = torch.arange(n).repeat_interleave(kq - k_shot)
-    if head.kind == "embedding":
-        emb = head(x).view(n, kq, -1)                            # (N, K+Q, D)
-        return cosine_scores(emb[:, k_shot:].flatten(0, 1), prototypes(emb[:, :k_shot])), target  # (N*Q, N)
-    maps = x.view(n, kq, *x.shape[1:])
-    return head(maps[:, :k_shot].mean(1), maps[:, k_shot:].flatten(0, 1)), target
+    return head.scores(z[:, :k_shot], z[:, k_shot:].flatten(0, 1)), target
 
 
 def validate(head, feats, episodes: np.ndarray, k_shot: int) -> np.ndarray:
@@ -99,12 +123,18 @@ def validate(head, feats, episodes: np.ndarray, k_shot: int) -> np.ndarray:
 def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print) -> dict:
     """Train `config.head` on the train part of `cache`; keep the checkpoint with the best validation
     accuracy (never test). Resumes from `out_dir/last.pt` when it exists and matches the config."""
-    from tqdm import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir, "run folder"):
+        return _train(cache, out_dir, config, progress, log)
+
+
+def _train(cache, out_dir: Path, config: TrainConfig, progress: bool, log) -> dict:
+    from tqdm import tqdm
+
     torch.manual_seed(config.seed)
-    head = heads.build(config.head, **config.head_config())
+    head_file = heads.load_head_file(config.head_file) if config.head_file else None
+    head = heads.build(config.head, config.head_options)
     with FeatureStore(cache) as store:
         tr = load(store, "train", head.consumes)
         va = load(store, "val", head.consumes, views=1)
@@ -114,13 +144,17 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
                           provenance=store.provenance)
     opt_name, lr, every, factor, total = config.schedule()
     params = list(head.parameters())
-    meta = dict(head=config.head, head_config=config.head_config(), train_config=asdict(config), cache=cache_info)
+
+    def save(name, episode, best_val, resume=None):
+        checkpoint.save(out_dir / name, Checkpoint(config.head, config.head_options, asdict(config), cache_info,
+                                                   head.state_dict(), episode, best_val, head_file, resume))
+
     if not params:  # parameter-free head (mean): nothing to train, score it on validation once
-        acc = validate(head, va, val_eps, config.k_shot).mean()
-        for name in ("best.pt", "last.pt"):
-            _save(out_dir / name, head, meta, dict(episode=0, best_val=float(acc), curve=[]))
-        _write_curve(out_dir, [dict(episode=0, loss=float("nan"), val_accuracy=float(acc))])
-        return dict(best_val=float(acc), episodes=0, seconds=0.0, val_seconds=0.0)
+        acc = float(validate(head, va, val_eps, config.k_shot).mean())
+        save("best.pt", 0, acc)
+        save("last.pt", 0, acc, dict(curve=[]))
+        _write_curve(out_dir, [dict(episode=0, loss=float("nan"), val_accuracy=acc)])
+        return dict(best_val=acc, episodes=0, seconds=0.0, val_seconds=0.0)
     # fused: one kernel over all parameters; the optimizer step is a fifth of a small head's episode
     optim = (torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True) if opt_name == "sgd"
              else torch.optim.Adam(params, lr=lr, fused=True))
@@ -130,16 +164,17 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
     start, best, curve = 0, -1.0, []
     last = out_dir / "last.pt"
     if last.exists():
-        ck = torch.load(last, weights_only=False)
-        if ck["train_config"] != asdict(config) or ck["cache"]["settings_hash"] != cache_info["settings_hash"]:
+        ck = checkpoint.load(last)
+        if ck.train_config != asdict(config) or ck.cache["settings_hash"] != cache_info["settings_hash"] \
+                or ck.resume is None:
             raise TrainingError(f"{last} was written with another config or cache; remove {out_dir} or choose "
                                 "another --out")
-        head.load_state_dict(ck["state_dict"])
-        optim.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        start, best, curve = ck["episode"], ck["best_val"], ck["curve"]
+        head.load_state_dict(ck.state_dict)
+        optim.load_state_dict(ck.resume["optimizer"])
+        sched.load_state_dict(ck.resume["scheduler"])
+        rng.bit_generator.state = ck.resume["rng"]
+        torch.set_rng_state(ck.resume["torch_rng"])
+        start, best, curve = ck.episode, ck.best_val, ck.resume["curve"]
         log(f"resuming from {last} at episode {start}")
     head.train()
     window, t0, val_seconds = [], time.perf_counter(), 0.0
@@ -166,10 +201,10 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
             bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", val=f"{acc:.3f}")
             if acc > best:
                 best = acc
-                _save(out_dir / "best.pt", head, meta, dict(episode=ep + 1, best_val=best))
-            _save(last, head, meta, dict(episode=ep + 1, best_val=best, curve=curve, optimizer=optim.state_dict(),
-                                         scheduler=sched.state_dict(), rng=rng.bit_generator.state,
-                                         torch_rng=torch.get_rng_state()))
+                save("best.pt", ep + 1, best)
+            save("last.pt", ep + 1, best, dict(curve=curve, optimizer=optim.state_dict(),
+                                               scheduler=sched.state_dict(), rng=rng.bit_generator.state,
+                                               torch_rng=torch.get_rng_state()))
             _write_curve(out_dir, curve)
             val_seconds += time.perf_counter() - tv
     bar.close()
@@ -178,15 +213,7 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
                 episodes_per_s=(total - start) / seconds if seconds > 0 else math.inf)
 
 
-def _save(path: Path, head, meta: dict, extra: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(dict(meta, state_dict=head.state_dict(), **extra), tmp)
-    os.replace(tmp, path)
-
-
 def _write_curve(out_dir: Path, curve: list[dict]) -> None:
-    with open(out_dir / "curve.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["episode", "loss", "val_accuracy"])
-        w.writeheader()
-        w.writerows(curve)
-    (out_dir / "curve.json").write_text(json.dumps(curve, indent=1))
+    rows = ["episode,loss,val_accuracy"] + [f"{r['episode']},{r['loss']},{r['val_accuracy']}" for r in curve]
+    atomic_write_text(out_dir / "curve.csv", "\n".join(rows) + "\n")
+    atomic_write_text(out_dir / "curve.json", json.dumps(curve, indent=1))

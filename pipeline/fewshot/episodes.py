@@ -5,22 +5,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+from ..errors import PipelineError
+from ..files import atomic_path
 
 
-def prototypes(support: torch.Tensor) -> torch.Tensor:
-    """(..., N, K, D) support video vectors -> (..., N, D) unit class prototypes: the mean of the
-    K vectors (the paper's K-shot rule), normalised for cosine scoring."""
-    return F.normalize(support.mean(-2), dim=-1)
-
-
-def cosine_scores(queries: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-    """(..., M, D) query vectors, (..., N, D) unit prototypes -> (..., M, N) cosine similarities."""
-    return F.normalize(queries, dim=-1) @ protos.transpose(-1, -2)
-
-
-class EpisodeError(Exception):
+class EpisodeError(PipelineError):
     pass
 
 
@@ -75,9 +65,8 @@ def fixed_episodes(cache: Path, ids: np.ndarray, videos_by_class: dict, part: st
     used = np.unique(eps)
     local = np.searchsorted(used, eps)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, ids=np.array([ids[u] for u in used]), episodes=local.astype(np.int32),
-                        meta=json.dumps(dict(part=part, n_way=n_way, k_shot=k_shot, q_query=q_query, count=count,
-                                             seed=seed)))
-    tmp.replace(path)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, ids=np.array([ids[u] for u in used]), episodes=local.astype(np.int32),
+                            meta=json.dumps(dict(part=part, n_way=n_way, k_shot=k_shot, q_query=q_query, count=count,
+                                                 seed=seed)))
     return eps

@@ -18,8 +18,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from .metrics import paired
+from ..errors import MissingFile
+from ..fewshot.metrics import paired
 
 SWEPT = ("gamma", "margin")
 
@@ -48,7 +51,9 @@ def results_table(runs: list[dict]) -> tuple[list[dict], str]:
                 and len(r["per_episode"]) == len(best["per_episode"]):
             cmp = paired(r["per_episode"], best["per_episode"])
         cfg = r.get("train_config", {})
-        rows.append(dict(run=r["name"], head=r["head"], loss=r["loss"], hidden=cfg.get("hidden", ""),
+        options = cfg.get("head_options", {"hidden": cfg["hidden"]} if "hidden" in cfg else {})  # format 1 had hidden
+        rows.append(dict(run=r["name"], head=r["head"], loss=r["loss"],
+                         options=" ".join(f"{k}={v}" for k, v in options.items()),
                          gamma=cfg.get("gamma", "") if r["loss"] == "circle" else "",
                          margin=cfg.get("margin", "") if r["loss"] == "circle" else "",
                          setting=f"{r['n_way']}-way {r['k_shot']}-shot", accuracy=round(100 * r["accuracy"], 2),
@@ -61,39 +66,41 @@ def results_table(runs: list[dict]) -> tuple[list[dict], str]:
     return rows, "\n".join(md)
 
 
-def test_vectors(runs, runs_dir, cache):
-    """The test videos' features and, per embedding run with a checkpoint, their unit video vectors
-    (n, D): computed once, shared by the similarity matrix and the t-SNE."""
-    import torch
-    import torch.nn.functional as F
-
-    from .evaluate import load_checkpoint
-    from .features import load
-    from .store import FeatureStore
+def test_encodings(runs, runs_dir, cache):
+    """Per run with a checkpoint: its head and every test video's encoding, computed once and shared
+    by the similarity figure and the t-SNE; and the test features each kind of input."""
+    from ..fewshot import checkpoint
+    from ..fewshot.evaluate import encode_all
+    from ..fewshot.features import load
+    from ..store import FeatureStore
+    encoded, feats = [], {}
     with FeatureStore(cache) as st:
-        feats = load(st, "test", "pooled", views=1)
-    vectors = []
-    for r in runs:
-        ck_path = Path(runs_dir) / r["name"] / "best.pt"
-        if ck_path.exists():
-            head, _ = load_checkpoint(ck_path)
-            if head.kind == "embedding":
-                with torch.no_grad():
-                    vectors.append((r, F.normalize(head(torch.from_numpy(feats.x[:, 0])), dim=-1).numpy()))
-    return feats, vectors
+        for r in runs:
+            ck_path = Path(runs_dir) / r["name"] / "best.pt"
+            if not ck_path.exists():
+                continue
+            head = checkpoint.load(ck_path).build_head()
+            if head.consumes not in feats:
+                feats[head.consumes] = load(st, "test", head.consumes, views=1)
+            x = torch.from_numpy(np.asarray(feats[head.consumes].x[:, 0], np.float32))
+            encoded.append((r, head, encode_all(head, x)))
+    return feats, encoded
 
 
-def similarity_figure(path, feats, vectors, cache, plt):
-    """Fig. 8: query-to-class similarities of one fixed test episode, and the ground truth."""
-    from .episodes import fixed_episodes
-    r0 = vectors[0][0]
-    ep = fixed_episodes(Path(cache), feats.ids, feats.by_class(), "test", r0["n_way"], 1, r0["q_query"],
+def similarity_figure(path, feats, encoded, cache, plt):
+    """Fig. 8: each head's scores of the queries of one fixed test episode against its classes
+    (for embedding heads, the cosine to the support video), and the ground truth."""
+    from ..fewshot.episodes import fixed_episodes
+    r0 = encoded[0][0]
+    ref = next(iter(feats.values()))
+    ep = fixed_episodes(Path(cache), ref.ids, ref.by_class(), "test", r0["n_way"], 1, r0["q_query"],
                         r0["episodes"], r0["seed"])[0]
     n, kq = ep.shape
     panels = []
-    for r, vec in vectors:
-        v = vec[ep]                                                     # (N, 1+Q, D), 1-shot
-        panels.append((f"{r['name']} ({r['head']}, {r['loss']})", v[:, 0] @ v[:, 1:].reshape(-1, v.shape[-1]).T))
+    with torch.no_grad():
+        for r, head, z in encoded:
+            scores = head.scores(z[ep[:, :1]], z[ep[:, 1:].reshape(-1)])            # (N*Q, N), 1-shot
+            panels.append((f"{r['name']} ({r['head']}, {r['loss']})", scores.T.numpy()))
     panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)
     for ax, (title, sim) in zip(axes[:, 0], panels):
@@ -102,22 +109,25 @@ def similarity_figure(path, feats, vectors, cache, plt):
         ax.set_ylabel("support class")
         fig.colorbar(im, ax=ax, fraction=0.02)
     axes[-1, 0].set_xlabel(f"query (15 per class x {n} classes)")
-    fig.suptitle("Cosine similarity of queries to support classes, first fixed test episode (5-way 1-shot)")
+    fig.suptitle("Scores of queries against support classes, first fixed test episode (5-way 1-shot)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def tsne_figure(path, feats, vectors, plt):
-    """Fig. 6: t-SNE of the video vectors of the test classes, one panel per embedding run."""
+def tsne_figure(path, feats, encoded, plt):
+    """Fig. 6: t-SNE of each head's per-video encoding (the video vector of embedding heads) of the
+    test videos, unit-normalised, one panel per run."""
     from sklearn.manifold import TSNE
-    classes = sorted(set(feats.classes))
-    fig, axes = plt.subplots(1, len(vectors), figsize=(5 * len(vectors), 4.6), squeeze=False)
-    for ax, (r, v) in zip(axes[0], vectors):
+    classes_of = next(iter(feats.values())).classes
+    classes = sorted(set(classes_of))
+    fig, axes = plt.subplots(1, len(encoded), figsize=(5 * len(encoded), 4.6), squeeze=False)
+    for ax, (r, _, z) in zip(axes[0], encoded):
+        v = F.normalize(z.flatten(1), dim=-1).numpy()
         xy = TSNE(2, perplexity=min(30, len(v) - 1), init="pca", random_state=0).fit_transform(v)
         for c in classes:
-            m = feats.classes == c
+            m = classes_of == c
             ax.scatter(xy[m, 0], xy[m, 1], s=10, label=c)
         ax.set_title(f"{r['name']} ({r['head']}, {r['loss']})", fontsize=10)
         ax.set_xticks([])
@@ -203,7 +213,7 @@ def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(metrics_dir)
     if not runs:
-        raise FileNotFoundError(f"no metrics JSON in {metrics_dir} (run `pipeline eval --metrics ...`)")
+        raise MissingFile(f"no metrics JSON in {metrics_dir} (run `pipeline eval --metrics ...`)")
     rows, md = results_table(runs)
     (out / "results.md").write_text(md + "\n")
     with open(out / "results.csv", "w", newline="") as f:
@@ -212,10 +222,10 @@ def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
         w.writerows(rows)
     figures = []
     if cache and Path(cache).exists():
-        feats, vectors = test_vectors(runs, runs_dir, cache)
-        if vectors:
-            figures += [similarity_figure(out / "similarity.png", feats, vectors, cache, plt),
-                        tsne_figure(out / "tsne.png", feats, vectors, plt)]
+        feats, encoded = test_encodings(runs, runs_dir, cache)
+        if encoded:
+            figures += [similarity_figure(out / "similarity.png", feats, encoded, cache, plt),
+                        tsne_figure(out / "tsne.png", feats, encoded, plt)]
     figures += sweep_figures(out, runs, plt)
     figures.append(curves_figure(out / "curves.png", runs_dir, plt))
     figures = [f for f in figures if f]

@@ -6,18 +6,19 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .store import FeatureStore
+from ..errors import MissingFile
+from ..fewshot import checkpoint
+from ..store import FeatureStore
 
 
 def describe(path) -> str:
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise MissingFile(f"{path} does not exist")
     if path.suffix in (".h5", ".hdf5"):
         return describe_cache(path)
-    return describe_checkpoint(path)
+    return checkpoint.describe(path, checkpoint.load(path))
 
 
 def describe_cache(path: Path) -> str:
@@ -44,18 +45,3 @@ def describe_cache(path: Path) -> str:
             lines += [f"  {vid}: {why}" for vid, why in fails]
         lines.append(f"views per video: {int(np.max(v['n_views']))}")
     return "\n".join(lines)
-
-
-def describe_checkpoint(path: Path) -> str:
-    ck = torch.load(path, weights_only=False, map_location="cpu")
-    if not isinstance(ck, dict) or "head" not in ck:
-        raise ValueError(f"{path} is not a checkpoint written by `pipeline train`")
-    cfg = ck["train_config"]
-    n_params = sum(t.numel() for t in ck["state_dict"].values())
-    return "\n".join([
-        f"checkpoint {path}: head {ck['head']} {ck['head_config']} ({n_params} parameter values), loss {cfg['loss']}",
-        f"best validation accuracy {100 * ck.get('best_val', float('nan')):.2f}% at episode {ck.get('episode')}",
-        "training: " + json.dumps(cfg, sort_keys=True),
-        f"trained on cache {ck['cache']['path']} (settings hash {ck['cache']['settings_hash']})",
-        "cache settings: " + json.dumps(ck["cache"]["settings"], sort_keys=True),
-    ])

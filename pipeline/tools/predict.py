@@ -14,47 +14,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones.mfnet import MFNet3D, random_mfnet, sha256
-from .datasets import scan
-from .episodes import cosine_scores, prototypes
-from .evaluate import load_checkpoint
-from .extract import BatchForward, ExtractSettings, pick_device, pool_maps
-from .store import settings_hash
-from .video import VIDEO_EXTENSIONS, VideoError, read_clips
+from ..errors import PipelineError
+from ..extraction.backbone import Backbone, BatchForward, pick_device
+from ..extraction.datasets import scan
+from ..extraction.mfnet import sha256
+from ..extraction.settings import ExtractSettings
+from ..extraction.video import VIDEO_EXTENSIONS, VideoError, read_clips
+from ..fewshot import checkpoint
+from ..files import atomic_path
+from ..store import pool_maps, settings_hash
 
 
-class PredictError(Exception):
+class PredictError(PipelineError):
     pass
 
 
 @dataclass
 class Embedded:
     pooled: np.ndarray    # (T, 768) float32
-    maps: np.ndarray      # (768, t, h, w) float16, the clip mean (relation heads)
+    maps: np.ndarray      # (768, t, h, w) float16, the clip mean (map heads)
     cached: bool
 
-
-def backbone_for(ck: dict, weights: str | None) -> MFNet3D:
-    """The backbone the checkpoint's cache was made with; `weights` overrides the recorded path."""
-    settings = ck["cache"]["settings"]
-    if settings["weights"] == "random":
-        if weights:
-            raise PredictError(f"the checkpoint was trained on features of a random-init MFNet, not on {weights}")
-        return random_mfnet(settings["seed"]).eval()
-    path = weights or ck["cache"].get("provenance", {}).get("weights_path")
-    if not path or not Path(path).is_file():
-        raise PredictError(f"the checkpoint needs the MFNet weights it was trained with "
-                           f"(sha256 {settings['weights'][:12]}...); pass --weights")
-    if sha256(path) != settings["weights"]:
-        raise PredictError(f"{path} is not the MFNet checkpoint the head was trained with (sha256 differs from "
-                           f"{settings['weights'][:12]}...)")
-    return MFNet3D.from_checkpoint(path).eval()
+    def features(self, consumes: str) -> torch.Tensor:
+        """What a head that `consumes` pooled vectors or maps reads of this video, as the cache gives it."""
+        return torch.from_numpy(self.pooled if consumes == "pooled" else self.maps).float()
 
 
 class Embedder:
-    def __init__(self, ck: dict, weights: str | None, cache_root="cache/predict", device="auto"):
-        self.settings = ExtractSettings.from_dict(ck["cache"]["settings"])
-        self.key = settings_hash(ck["cache"]["settings"])
+    def __init__(self, ck: checkpoint.Checkpoint, weights: str | None, cache_root="cache/predict", device="auto"):
+        self.settings = ExtractSettings.from_dict(ck.cache["settings"])
+        self.key = settings_hash(ck.cache["settings"])
         self.dir = Path(cache_root) / self.key
         self._model = None
         self.weights, self.device, self.ck = weights, device, ck
@@ -62,8 +51,8 @@ class Embedder:
 
     def forward(self):
         if self._model is None:
-            self._model = BatchForward(backbone_for(self.ck, self.weights), pick_device(self.device), self.settings,
-                                       channels_last=True)
+            backbone = Backbone.recorded(self.ck.cache["settings"], self.ck.cache.get("provenance", {}), self.weights)
+            self._model = BatchForward(backbone.model, pick_device(self.device), self.settings, channels_last=True)
         return self._model
 
     def __call__(self, path: Path) -> Embedded:
@@ -78,9 +67,8 @@ class Embedder:
         maps = self.forward()(vc.clips[0])                       # (T, 768, t, h, w)
         e = Embedded(pool_maps(maps), maps.mean(0).astype(np.float16), False)
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_name(f.stem + ".tmp.npz")
-        np.savez(tmp, pooled=e.pooled, maps=e.maps)
-        tmp.replace(f)
+        with atomic_path(f, suffix=".npz") as tmp:
+            np.savez(tmp, pooled=e.pooled, maps=e.maps)
         return e
 
 
@@ -95,15 +83,16 @@ def query_files(queries) -> list[Path]:
 
 
 @torch.no_grad()
-def predict(checkpoint, support_dir, queries, weights: str | None = None, cache_root="cache/predict",
-            device: str = "auto") -> dict:
-    """Per query: predicted class, similarity to every class, margin; plus what failed and why."""
-    head, ck = load_checkpoint(checkpoint)
+def predict(checkpoint_path, support_dir, queries, weights: str | None = None, cache_root="cache/predict",
+            device: str = "auto", head_file: str | None = None) -> dict:
+    """Per query: predicted class, the head's score for every class, margin; plus what failed and why."""
+    ck = checkpoint.load(checkpoint_path)
+    head = ck.build_head(head_file)
     found, problems = scan(support_dir)
     if len(found) < 2:
         raise PredictError(f"{support_dir}: need at least 2 class folders of example videos, found {len(found)}")
     embed = Embedder(ck, weights, cache_root, device)
-    classes, protos, failures = [], [], [(f, why) for f, why in problems]
+    classes, support, failures = [], [], [(f, why) for f, why in problems]
     for c, files in found.items():
         vids = []
         for f in files:
@@ -114,31 +103,26 @@ def predict(checkpoint, support_dir, queries, weights: str | None = None, cache_
         if not vids:
             raise PredictError(f"{Path(support_dir) / c}: no readable video in this class folder")
         classes.append(c)
-        protos.append(vids)
-    reused_support = sum(v.cached for vs in protos for v in vs)
+        support.append(vids)
+    reused_support = sum(v.cached for vs in support for v in vs)
+    # classes may have different K, so each class is scored on its own: (1, K_c, ...) encoded support
+    encoded = [head.encode(torch.stack([v.features(head.consumes) for v in vs]))[None] for vs in support]
     results = []
-    if head.kind == "embedding":  # classes may have different K: one prototype at a time
-        centres = torch.cat([prototypes(head(torch.from_numpy(np.stack([v.pooled for v in vs])))[None])
-                             for vs in protos])
-    else:
-        centres = torch.stack([torch.from_numpy(np.stack([v.maps for v in vs])).float().mean(0) for vs in protos])
     for q in query_files(queries):
         try:
             e = embed(q)
         except VideoError as err:
             results.append(dict(query=str(q), error=err.reason))
             continue
-        if head.kind == "embedding":
-            sims = cosine_scores(head(torch.from_numpy(e.pooled)[None]), centres)[0]
-        else:
-            sims = head(centres, torch.from_numpy(e.maps).float()[None])[0]
+        zq = head.encode(e.features(head.consumes)[None])                       # (1, ...)
+        sims = torch.cat([head.scores(zs, zq)[0] for zs in encoded])             # (classes,)
         order = torch.argsort(sims, descending=True)
         results.append(dict(query=str(q), predicted=classes[order[0]],
                             margin=float(sims[order[0]] - sims[order[1]]),
                             scores={c: float(s) for c, s in zip(classes, sims)}))
-    return dict(checkpoint=str(checkpoint), head=ck["head"], classes=classes, results=results,
+    return dict(checkpoint=str(checkpoint_path), head=ck.head, classes=classes, results=results,
                 support_failures=failures, decoded=embed.decoded, reused_support=reused_support,
-                support_videos=sum(len(v) for v in protos))
+                support_videos=sum(len(v) for v in support))
 
 
 def format_table(out: dict) -> str:

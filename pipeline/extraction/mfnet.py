@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, MissingFile, PipelineError
+
 LAYERS = ("tail", "conv5")  # where forward_features may stop
+
+
+class WeightsError(PipelineError, ValueError):
+    """A weights file that cannot be read or does not fit MFNet3D."""
 
 
 class BnReluConv(nn.Sequential):
@@ -92,7 +98,7 @@ class MFNet3D(nn.Module):
     def forward_features(self, x, layer: str = "tail"):
         """(B, 3, F, H, W) -> (B, 768, F/2, H/32, W/32) taken after `tail` (BN+ReLU) or `conv5`."""
         if layer not in LAYERS:
-            raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+            raise ConfigError(f"layer must be one of {LAYERS}, got {layer!r}")
         h = self.maxpool(self.conv1(x))
         h = self.conv5(self.conv4(self.conv3(self.conv2(h))))
         return self.tail(h) if layer == "tail" else h
@@ -105,14 +111,14 @@ class MFNet3D(nn.Module):
         """Load the authors' released file, a bare state dict, or one of our checkpoints; strictly."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"MFNet weights {path}: file does not exist")
+            raise MissingFile(f"MFNet weights {path}: file does not exist")
         try:
             obj = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as e:  # pickle or zip errors: say which file
-            raise ValueError(f"MFNet weights {path}: cannot be read by torch.load ({e})") from e
+            raise WeightsError(f"MFNet weights {path}: cannot be read by torch.load ({e})") from e
         state = obj.get("state_dict", obj.get("backbone", obj)) if isinstance(obj, dict) else None
         if not isinstance(state, dict):
-            raise ValueError(f"MFNet weights {path}: expected a state dict or a dict with 'state_dict'")
+            raise WeightsError(f"MFNet weights {path}: expected a state dict or a dict with 'state_dict'")
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         num_classes = state["classifier.weight"].shape[0] if "classifier.weight" in state else 400
         model = cls(num_classes)
@@ -137,7 +143,7 @@ def check_state_dict(model: nn.Module, state: dict, source) -> None:
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
             if items:
                 lines.append(f"  {len(items)} {title}: " + "; ".join(items[:10]) + (" ..." if len(items) > 10 else ""))
-        raise ValueError("\n".join(lines))
+        raise WeightsError("\n".join(lines))
 
 
 def random_mfnet(seed: int = 0) -> MFNet3D:

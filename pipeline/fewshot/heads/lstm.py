@@ -1,11 +1,16 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from . import register
+from ...errors import ConfigError
+from . import EmbeddingHead, option, register
 
 
-@register("lstm", hidden=512)
-class LSTMHead(nn.Module):
+@register("lstm")
+class LSTMHead(EmbeddingHead):
     """The paper's implicit alignment: an LSTM over the T pooled clip vectors in temporal order;
     the last hidden state is the video vector. The cell is the standard h = o * tanh(c); the
     paper's eq. 7 prints "o + tanh(c)", a typo for the Hadamard product.
@@ -14,13 +19,17 @@ class LSTMHead(nn.Module):
     `last_hidden` because, for an episode's ten videos and T = 3, oneDNN's fused RNN kernel takes
     2.2 ms forward + 6.4 ms backward on 2 cores, `last_hidden` about 2 + 3 ms."""
 
-    kind, consumes = "embedding", "pooled"
+    @dataclass
+    class Options:
+        hidden: int = option(512, "hidden units of the LSTM (the video vector's size)")
 
-    def __init__(self, hidden: int = 512, in_dim: int = 768):
-        super().__init__()
-        self.lstm = nn.LSTM(in_dim, hidden, batch_first=True)
+    def __init__(self, options=None, in_dim: int = 768):
+        super().__init__(options)
+        if self.options.hidden < 1:
+            raise ConfigError(f"head lstm: option hidden must be >= 1, got {self.options.hidden}")
+        self.lstm = nn.LSTM(in_dim, self.options.hidden, batch_first=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
         p = self.lstm
         return last_hidden(x, p.weight_ih_l0, p.weight_hh_l0, p.bias_ih_l0 + p.bias_hh_l0)  # (B, T, D) -> (B, H)
 

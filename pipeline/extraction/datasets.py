@@ -10,10 +10,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import PipelineError
 from .video import VIDEO_EXTENSIONS
 
 PARTS = ("train", "val", "test")
-SPLITS_DIR = Path(__file__).resolve().parents[1] / "configs" / "splits"
+SPLITS_DIR = Path(__file__).resolve().parents[2] / "configs" / "splits"
 LAYOUTS = ("ucf101", "hmdb51", "folder")
 # (train, val, test) class counts that a named split must have.
 EXPECTED_COUNTS = {
@@ -26,7 +27,7 @@ UCF101_NAME = re.compile(r"^v_[A-Za-z]+_g\d{2}_c\d{2}$")
 SHOW = 5  # how many names an error lists before "..."
 
 
-class DatasetError(Exception):
+class DatasetError(PipelineError):
     """A dataset root or split that cannot be used; the message says what and where."""
 
 

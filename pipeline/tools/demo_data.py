@@ -16,6 +16,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import PipelineError
+
+
+class DemoDataError(PipelineError, FileExistsError):
+    """The output folder holds a demo dataset made with other settings."""
+
 WIDTH, HEIGHT, FPS = 320, 240, 25
 VERSION = 1  # bump when the generator's output changes
 
@@ -185,7 +191,7 @@ def generate(out, seed: int = 0, videos_per_class: int = 20, seconds: tuple[floa
     if mfile.exists():
         old = json.loads(mfile.read_text())
         if old != manifest:
-            raise FileExistsError(f"{out} holds a demo dataset made with other settings ({mfile}); "
+            raise DemoDataError(f"{out} holds a demo dataset made with other settings ({mfile}); "
                                   "remove it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     mfile.write_text(json.dumps(manifest, indent=1))

@@ -15,6 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import ConfigError, PipelineError
+
 VIDEO_EXTENSIONS = (".avi", ".mp4", ".mkv", ".webm", ".mov")
 
 # MFNet-3D (Chen et al., ECCV 2018) preprocessing as applied by the authors' PyTorch code
@@ -26,7 +28,7 @@ MFNET_MEAN = (124 / 255, 117 / 255, 104 / 255)
 MFNET_STD = (1 / (0.0167 * 255),) * 3
 
 
-class VideoError(Exception):
+class VideoError(PipelineError):
     """A video that cannot be used; the message names the file and the reason."""
 
     def __init__(self, path, reason: str):
@@ -58,12 +60,12 @@ class Sampling:
 
     def __post_init__(self):
         if self.mode not in ("segments", "dense"):
-            raise ValueError(f"sampling.mode must be 'segments' or 'dense', got {self.mode!r}")
+            raise ConfigError(f"sampling.mode must be 'segments' or 'dense', got {self.mode!r}")
         for name in ("clips", "frames", "step"):
             if getattr(self, name) < 1:
-                raise ValueError(f"sampling.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"sampling.{name} must be >= 1, got {getattr(self, name)}")
         if self.stride is not None and self.stride < 1:
-            raise ValueError(f"sampling.stride must be >= 1, got {self.stride}")
+            raise ConfigError(f"sampling.stride must be >= 1, got {self.stride}")
 
     def indices(self, n_frames: int) -> np.ndarray:
         """(n_clips, frames) int64 frame indices for a video of `n_frames` frames."""
@@ -105,9 +107,9 @@ class Preprocess:
 
     def __post_init__(self):
         if self.resize_mode not in ("fixed", "short"):
-            raise ValueError(f"preprocess.resize_mode must be 'fixed' or 'short', got {self.resize_mode!r}")
+            raise ConfigError(f"preprocess.resize_mode must be 'fixed' or 'short', got {self.resize_mode!r}")
         if self.crop > self.resize:
-            raise ValueError(f"preprocess.crop ({self.crop}) is larger than preprocess.resize ({self.resize})")
+            raise ConfigError(f"preprocess.crop ({self.crop}) is larger than preprocess.resize ({self.resize})")
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         if self.resize_mode == "fixed":

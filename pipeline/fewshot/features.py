@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .store import FeatureStore
+from ..errors import PipelineError
+from ..store import FeatureStore
 
 
-class FeatureError(Exception):
+class FeatureError(PipelineError):
     pass
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 
 def circle_loss(s_p: torch.Tensor, s_n: torch.Tensor, gamma: float = 128.0, m: float = 0.4) -> torch.Tensor:
     """Circle loss (Sun et al. 2020) with O_p = 1 + m, O_n = -m, Delta_p = 1 - m, Delta_n = m.
@@ -30,7 +32,7 @@ def episode_loss(name: str, sims: torch.Tensor, target: torch.Tensor, gamma: flo
         return F.cross_entropy(scale * sims, target)
     if name == "mse":  # relation networks regress the score to the one-hot target
         return F.mse_loss(sims, F.one_hot(target, sims.shape[1]).float())
-    raise ValueError(f"unknown loss {name!r} (circle, ce, mse)")
+    raise ConfigError(f"unknown loss {name!r} (circle, ce, mse)")
 
 
 LOSSES = ("circle", "ce", "mse")

@@ -1,0 +1,1 @@
+"""Stage one: video files -> MFNet clip features in the HDF5 cache (video, datasets, backbone, settings, extractor)."""

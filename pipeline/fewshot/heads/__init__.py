@@ -1,0 +1,235 @@
+"""Heads: the registry, the one protocol every head follows, and head options.
+
+A new head is one file in this package (or in a file of your own, `--head-file`) with one
+`@register("name")` line. Every head is a `Head` and answers one question, the scores of an
+episode's queries against its classes:
+
+    consumes                  what it reads per video from the cache: "pooled" (T, 768) clip
+                              vectors, or "maps" the clip-mean map (768, 8, 4, 4)
+    encode(x)                 per-video work, (B, ...) -> (B, ...); evaluation and predict run it once
+                              per video, training once per episode video
+    scores(support, queries)  encoded support (N, K, ...) and queries (M, ...) -> (M, N), higher is
+                              more alike. A class's column may depend only on that class's support:
+                              predict scores classes with different K one at a time.
+    batched                   True when `scores` also takes a leading episode dimension,
+                              (E, N, K, ...), (E, M, ...) -> (E, M, N): evaluation then scores
+                              hundreds of episodes per call instead of one.
+
+`EmbeddingHead` is the shared default for heads that turn a video into a vector: the class
+prototype is the mean of its K vectors, the score the cosine to it (the paper's rule).
+
+Options: a head declares a dataclass `Options` with `option(default, help)` fields; they are
+set with `--head-opt key=value` or `head_options:` in params.yaml, checked against the declared
+types, and stored in checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import pkgutil
+import sys
+import typing
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ConfigError, MissingFile
+
+HEADS: dict[str, type] = {}
+CONSUMES = ("pooled", "maps")
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A head option: its default, one line of help, and optionally the allowed values."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices))
+
+
+class Head(nn.Module):
+    consumes = "pooled"
+    batched = False
+
+    @dataclasses.dataclass
+    class Options:
+        pass
+
+    def __init__(self, options=None):
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def scores(self, support: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"head {type(self).__name__} must define scores(support, queries)")
+
+    def forward(self, support: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Raw support (N, K, ...) and queries (M, ...) -> scores (M, N)."""
+        n, k = support.shape[:2]
+        z = self.encode(torch.cat([support.flatten(0, 1), queries]))
+        return self.scores(z[:n * k].unflatten(0, (n, k)), z[n * k:])
+
+
+class EmbeddingHead(Head):
+    """A vector per video; prototype = mean of the K support vectors; score = cosine."""
+
+    batched = True
+
+    def scores(self, support: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        return cosine_scores(queries, prototypes(support))
+
+
+def prototypes(support: torch.Tensor) -> torch.Tensor:
+    """(..., N, K, D) support video vectors -> (..., N, D) unit class prototypes: the mean of the
+    K vectors (the paper's K-shot rule), normalised for cosine scoring."""
+    return F.normalize(support.mean(-2), dim=-1)
+
+
+def cosine_scores(queries: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
+    """(..., M, D) query vectors, (..., N, D) unit prototypes -> (..., M, N) cosine similarities."""
+    return F.normalize(queries, dim=-1) @ protos.transpose(-1, -2)
+
+
+def register(name: str):
+    def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Head)):
+            raise ConfigError(f"@register({name!r}): {cls!r} is not a subclass of pipeline.fewshot.heads.Head")
+        if cls.consumes not in CONSUMES:
+            raise ConfigError(f"head {name!r}: consumes must be one of {CONSUMES}, got {cls.consumes!r}")
+        old = HEADS.get(name)
+        if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ConfigError(f"head {name!r} from {cls.__module__} is already registered by {old.__module__}")
+        HEADS[name] = cls
+        cls.registered_name = name
+        return cls
+    return wrap
+
+
+def get(name: str) -> type:
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r} (known: {', '.join(sorted(HEADS))}; a head of your own: "
+                          "--head-file FILE)")
+    return HEADS[name]
+
+
+def build(name: str, options: dict | None = None) -> Head:
+    cls = get(name)
+    return cls(parse_options(cls, options or {}))
+
+
+def option_fields(cls) -> list[tuple[str, object, object, dict]]:
+    """(name, type, default, metadata) of each option of head class `cls`."""
+    hints = typing.get_type_hints(cls.Options)
+    return [(f.name, hints[f.name], f.default, f.metadata) for f in dataclasses.fields(cls.Options)]
+
+
+def describe_options(cls) -> str:
+    fields = option_fields(cls)
+    if not fields:
+        return "no options"
+    return "; ".join(f"{n} ({type_name(t)}, default {show(d)}): {m.get('help', '')}"
+                     + (f" [{'|'.join(map(str, m['choices']))}]" if m.get("choices") else "")
+                     for n, t, d, m in fields)
+
+
+def parse_options(cls, given: dict):
+    """`given` (strings from the CLI or YAML values) -> the head's Options, checked; errors name the
+    head's options."""
+    if isinstance(given, cls.Options):
+        return given
+    fields = {n: (t, m) for n, t, _, m in option_fields(cls)}
+    name = getattr(cls, "registered_name", cls.__name__)
+    values = {}
+    for key, raw in given.items():
+        if key not in fields:
+            raise ConfigError(f"head {name}: unknown option {key!r}; its options: {describe_options(cls)}")
+        typ, meta = fields[key]
+        try:
+            value = _coerce(raw, typ)
+        except (TypeError, ValueError):
+            raise ConfigError(f"head {name}: option {key}={raw!r} is not a {type_name(typ)}; its options: "
+                              f"{describe_options(cls)}") from None
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(f"head {name}: option {key}={raw!r} is not one of {', '.join(map(str, meta['choices']))}")
+        values[key] = value
+    return cls.Options(**values)
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """["key=value", ...] from the command line -> {key: value}."""
+    out = {}
+    for p in pairs:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--head-opt {p!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _coerce(raw, typ):
+    if typing.get_origin(typ) is tuple:
+        inner = typing.get_args(typ)[0]
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        return tuple(_coerce(i, inner) for i in items if not (isinstance(i, str) and not i.strip()))
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(raw)
+        return word in ("true", "1", "yes")
+    if typ is int:
+        if isinstance(raw, float) or isinstance(raw, bool):
+            raise TypeError(raw)
+        return int(str(raw).strip())
+    if typ is float:
+        if isinstance(raw, bool):
+            raise TypeError(raw)
+        return float(raw)
+    if typ is str:
+        return str(raw)
+    raise TypeError(f"unsupported option type {typ}")
+
+
+def type_name(t) -> str:
+    if typing.get_origin(t) is tuple:
+        return f"comma-separated {typing.get_args(t)[0].__name__}s"
+    return getattr(t, "__name__", str(t))
+
+
+def show(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_head_file(path) -> dict:
+    """Imports a user's file of heads (its `@register` lines add them) and returns what a
+    checkpoint records of it: the resolved path and the sha256 of its bytes."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise MissingFile(f"head file {path} does not exist")
+    digest = file_sha256(path)
+    module = f"pipeline_user_heads_{digest[:16]}"
+    if module not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[module] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except ConfigError:
+            del sys.modules[module]
+            raise
+        except Exception as e:
+            del sys.modules[module]
+            raise ConfigError(f"head file {path}: importing it failed: {type(e).__name__}: {e}") from e
+    return dict(path=str(path), sha256=digest)
+
+
+for _m in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_m.name}")

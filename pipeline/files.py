@@ -1,0 +1,71 @@
+"""Writing files safely: atomic replacement, and a lock per output so two processes never write
+the same cache, part folder or run folder."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import PipelineError
+
+
+class LockError(PipelineError):
+    pass
+
+
+@contextmanager
+def atomic_path(path, suffix: str = ""):
+    """Yields a temporary path beside `path`; renamed onto `path` when the block ends without error,
+    removed otherwise. Readers see the old file or the complete new one, never a partial one.
+    `suffix` keeps an extension that a writer insists on (np.savez appends .npz otherwise)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+@contextmanager
+def exclusive(path, what: str):
+    """Holds an exclusive lock on `<path>.lock` for the block; a second holder is refused at once
+    with the first one's pid, host and command. The kernel releases the lock when the process
+    dies (flock), so a killed run never leaves a stale lock behind."""
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace") or "{}"
+            raise LockError(f"{path}: another process is writing this {what} ({_holder(holder)}); "
+                            "wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                      command=" ".join(sys.argv))).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}: {h['command']}"
+    except (ValueError, KeyError):
+        return "holder unknown"

@@ -1,0 +1,1 @@
+"""Tools beside the two stages: predict, report, info, and the demo dataset."""
