@@ -1,50 +1,6 @@
 import json
-import subprocess
-import sys
 
-import pytest
-
-from conftest import write_video
-
-SMALL = ["--clips", "2", "--frames", "4", "--resize", "40", "--crop", "32", "--workers", "0"]
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A mean head (no training needed) over a tiny cache made with small extraction settings."""
-    d = tmp_path_factory.mktemp("p")
-    for ci, c in enumerate("abcdef"):
-        for i in range(3):
-            write_video(d / "data" / c / f"{c}{i}.avi", 12 + i, size=(48, 40))
-    split = d / "split"
-    split.mkdir()
-    for part, cs in (("train", "abc"), ("val", "de"), ("test", "f")):
-        (split / f"{part}_classes.txt").write_text("\n".join(cs))
-    assert cli("extract", "--root", str(d / "data"), "--split", str(split), "--out", str(d / "c.h5"),
-               *SMALL).returncode == 0
-    r = cli("train", "--cache", str(d / "c.h5"), "--out", str(d / "run"), "--head", "mean", "--n-way", "2",
-            "--val-episodes", "2", "--val-query", "2")
-    assert r.returncode == 0, r.stderr
-    return d
-
-
-def flat_video(path, level, n=14):
-    import cv2
-    import numpy as np
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (48, 40))
-    rng = np.random.default_rng(level)
-    for _ in range(n):
-        img = np.zeros((40, 48, 3), np.uint8)
-        img[..., 0 if level < 100 else 2] = level + rng.integers(0, 10)     # blue-ish vs red-ish
-        w.write(img)
-    w.release()
-    return path
-
+from conftest import cli, flat_video
 
 def test_predicts_an_easily_separable_case_and_reuses_the_support_cache(trained, tmp_path):
     sup = tmp_path / "support"
@@ -102,7 +58,7 @@ def test_error_cases(trained, tmp_path):
 
 def test_info_on_cache_and_checkpoint(trained):
     r = cli("info", str(trained / "c.h5"))
-    assert r.returncode == 0 and "18 videos" in r.stdout and "train: 3 classes, 9 videos ok" in r.stdout
+    assert r.returncode == 0 and "24 videos" in r.stdout and "train: 3 classes, 9 videos ok" in r.stdout
     r = cli("info", str(trained / "run/best.pt"))
     assert r.returncode == 0 and "head mean" in r.stdout and "trained on cache" in r.stdout
     assert cli("info", str(trained / "nope.h5")).returncode == 2

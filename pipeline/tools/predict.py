@@ -105,8 +105,16 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
         classes.append(c)
         support.append(vids)
     reused_support = sum(v.cached for vs in support for v in vs)
-    # classes may have different K, so each class is scored on its own: (1, K_c, ...) encoded support
-    encoded = [head.encode(torch.stack([v.features(head.consumes) for v in vs]))[None] for vs in support]
+    encoded = [head.encode(torch.stack([v.features(head.consumes) for v in vs])) for vs in support]  # (K_c, ...)
+    same_k = len({len(z) for z in encoded}) == 1
+
+    def class_scores(zq):
+        """(classes,) scores of one encoded query: one episode when every class has the same K, else
+        each class on its own (the protocol lets a class's score depend only on its own support)."""
+        if same_k:
+            return head.scores(torch.stack(encoded), zq)[0]
+        return torch.cat([head.scores(z[None], zq)[0] for z in encoded])
+
     results = []
     for q in query_files(queries):
         try:
@@ -114,8 +122,7 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
         except VideoError as err:
             results.append(dict(query=str(q), error=err.reason))
             continue
-        zq = head.encode(e.features(head.consumes)[None])                       # (1, ...)
-        sims = torch.cat([head.scores(zs, zq)[0] for zs in encoded])             # (classes,)
+        sims = class_scores(head.encode(e.features(head.consumes)[None]))
         order = torch.argsort(sims, descending=True)
         results.append(dict(query=str(q), predicted=classes[order[0]],
                             margin=float(sims[order[0]] - sims[order[1]]),
