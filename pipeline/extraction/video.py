@@ -220,7 +220,8 @@ def normalize_batch(clips_rgb):
     import torch
     scale = 1.0 / (255.0 * torch.tensor(MFNET_STD))      # (x/255 - mean)/std as one multiply-add
     shift = -torch.tensor(MFNET_MEAN) / torch.tensor(MFNET_STD)
-    return clips_rgb.float().mul_(scale).add_(shift).permute(0, 4, 1, 2, 3)
+    dev = clips_rgb.device                                # computed on the CPU, then moved: same values
+    return clips_rgb.float().mul_(scale.to(dev)).add_(shift.to(dev)).permute(0, 4, 1, 2, 3)
 
 
 def cut_clip(frames: dict[int, np.ndarray], idx: np.ndarray, crop: Crop, size: int) -> np.ndarray:

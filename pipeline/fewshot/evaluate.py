@@ -32,12 +32,13 @@ def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: in
     is scored from the encodings, `chunk` episodes per call for heads whose scores take a batch."""
     e, n, kq = episodes.shape
     z = encode_all(head, torch.from_numpy(np.asarray(feats.x[:, 0], np.float32)))
+    zq = head.as_query(z)
     target = torch.arange(n).repeat_interleave(kq - k_shot)
     step = chunk if head.batched else 1
     acc = []
     for s in range(0, e, step):
         ep = torch.from_numpy(episodes[s:s + step])
-        support, queries = z[ep[:, :, :k_shot]], z[ep[:, :, k_shot:].flatten(1, 2)]    # (b, N, K, ...), (b, N*Q, ...)
+        support, queries = z[ep[:, :, :k_shot]], zq[ep[:, :, k_shot:].flatten(1, 2)]    # (b, N, K, ...), (b, N*Q, ...)
         scores = head.scores(support, queries) if head.batched else head.scores(support[0], queries[0])[None]
         acc.append((scores.argmax(-1) == target).float().mean(-1))                  # scores (b, N*Q, N)
     return torch.cat(acc).numpy()

@@ -26,7 +26,7 @@ def episode_loss(name: str, sims: torch.Tensor, target: torch.Tensor, gamma: flo
     """sims: (n_query, N) query-to-class scores; target: (n_query,) class positions."""
     if name == "circle":
         n = sims.shape[1]
-        others = (target[:, None] + torch.arange(1, n)) % n            # (n_query, N-1) the other classes
+        others = (target[:, None] + torch.arange(1, n, device=target.device)) % n            # (n_query, N-1) the other classes
         return circle_loss(sims.gather(1, target[:, None]), sims.gather(1, others), gamma, m)
     if name == "ce":
         return F.cross_entropy(scale * sims, target)

@@ -108,7 +108,7 @@ def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int,
     vsel = np.zeros(len(idx), int) if views is None else views
     z = head.encode(torch.from_numpy(feats.x[idx, vsel]).float()).unflatten(0, (n, kq))   # (N, K+Q, ...)
     target = torch.arange(n).repeat_interleave(kq - k_shot)
-    return head.scores(z[:, :k_shot], z[:, k_shot:].flatten(0, 1)), target
+    return head.scores(z[:, :k_shot], head.as_query(z[:, k_shot:].flatten(0, 1))), target
 
 
 def validate(head, feats, episodes: np.ndarray, k_shot: int) -> np.ndarray:

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from ..errors import PipelineError
+from ..files import atomic_path
 
 
 class DemoDataError(PipelineError, FileExistsError):
@@ -171,9 +172,8 @@ def _write_class(out: Path, name: str, steps, label: int, seed: int, videos: int
         path = d / f"{name}_{v:03d}.avi"
         if not path.exists():
             frames = render_video(steps, np.random.default_rng([seed, label, v]), seconds)
-            tmp = path.with_name(path.stem + ".tmp.avi")
-            write_video(tmp, frames)
-            tmp.replace(path)  # a killed run never leaves a half-written video under the real name
+            with atomic_path(path, suffix=".avi") as tmp:  # a killed run leaves no half-written video
+                write_video(tmp, frames)
     return videos
 
 

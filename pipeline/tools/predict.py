@@ -122,7 +122,7 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
         except VideoError as err:
             results.append(dict(query=str(q), error=err.reason))
             continue
-        sims = class_scores(head.encode(e.features(head.consumes)[None]))
+        sims = class_scores(head.as_query(head.encode(e.features(head.consumes)[None])))
         order = torch.argsort(sims, descending=True)
         results.append(dict(query=str(q), predicted=classes[order[0]],
                             margin=float(sims[order[0]] - sims[order[1]]),

@@ -99,7 +99,7 @@ def similarity_figure(path, feats, encoded, cache, plt):
     panels = []
     with torch.no_grad():
         for r, head, z in encoded:
-            scores = head.scores(z[ep[:, :1]], z[ep[:, 1:].reshape(-1)])            # (N*Q, N), 1-shot
+            scores = head.scores(z[ep[:, :1]], head.as_query(z[ep[:, 1:].reshape(-1)]))   # (N*Q, N), 1-shot
             panels.append((f"{r['name']} ({r['head']}, {r['loss']})", scores.T.numpy()))
     panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)

@@ -8,9 +8,12 @@ episode's queries against its classes:
                               vectors, or "maps" the clip-mean map (768, 8, 4, 4)
     encode(x)                 per-video work, (B, ...) -> (B, ...); evaluation and predict run it once
                               per video, training once per episode video
-    scores(support, queries)  encoded support (N, K, ...) and queries (M, ...) -> (M, N), higher is
-                              more alike. A class's column may depend only on that class's support:
-                              predict scores classes with different K one at a time.
+    as_query(z)               optional further per-video work on a query's encoding (default: none);
+                              evaluation runs it once per video, not once per episode
+    scores(support, queries)  encoded support (N, K, ...) and queries (M, ...), the latter through
+                              as_query -> (M, N), higher is more alike. A class's column may depend
+                              only on that class's support: predict scores classes with different K
+                              one at a time.
     batched                   True when `scores` also takes a leading episode dimension,
                               (E, N, K, ...), (E, M, ...) -> (E, M, N): evaluation then scores
                               hundreds of episodes per call instead of one.
@@ -63,6 +66,9 @@ class Head(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def as_query(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
     def scores(self, support: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"head {type(self).__name__} must define scores(support, queries)")
 
@@ -70,7 +76,7 @@ class Head(nn.Module):
         """Raw support (N, K, ...) and queries (M, ...) -> scores (M, N)."""
         n, k = support.shape[:2]
         z = self.encode(torch.cat([support.flatten(0, 1), queries]))
-        return self.scores(z[:n * k].unflatten(0, (n, k)), z[n * k:])
+        return self.scores(z[:n * k].unflatten(0, (n, k)), self.as_query(z[n * k:]))
 
 
 class EmbeddingHead(Head):
@@ -78,19 +84,18 @@ class EmbeddingHead(Head):
 
     batched = True
 
+    def as_query(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z, dim=-1)         # a query's direction, once per video
+
     def scores(self, support: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return cosine_scores(queries, prototypes(support))
+        """support (..., N, K, D) vectors, queries (..., M, D) unit vectors -> (..., M, N) cosines."""
+        return queries @ prototypes(support).transpose(-1, -2)
 
 
 def prototypes(support: torch.Tensor) -> torch.Tensor:
     """(..., N, K, D) support video vectors -> (..., N, D) unit class prototypes: the mean of the
     K vectors (the paper's K-shot rule), normalised for cosine scoring."""
     return F.normalize(support.mean(-2), dim=-1)
-
-
-def cosine_scores(queries: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
-    """(..., M, D) query vectors, (..., N, D) unit prototypes -> (..., M, N) cosine similarities."""
-    return F.normalize(queries, dim=-1) @ protos.transpose(-1, -2)
 
 
 def register(name: str):
