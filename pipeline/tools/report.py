@@ -5,8 +5,8 @@ accuracies written by `pipeline eval --accuracies`) and writes, under `--out`:
   results.md / results.csv   Table 4 style: mean +- 95% CI per run, paired comparison to the best
                              run with the same K on the same episodes
   similarity.png             Fig. 8: 5 support classes x 75 queries of one fixed test episode,
-                             for each trained embedding run, and the ground truth
-  tsne.png                   Fig. 6: t-SNE of test video vectors coloured by class, one panel per run
+                             from each run's head scores, and the ground truth
+  tsne.png                   Fig. 6: t-SNE of each head's per-video encodings, coloured by class
   sweep_gamma.png, sweep_margin.png   Fig. 7, when runs differ only in gamma (or m), >= 3 values
   curves.png                 learning curves: training loss and validation accuracy vs episodes
   index.md                   what was written, with the table inline
