@@ -160,3 +160,18 @@ def test_eval_refuses_a_cache_with_other_settings(cache, tmp_path):
         f.attrs["settings"] = '{"dtype": "float16"}'
     with pytest.raises(CacheMismatch, match="other settings"):
         evaluate([tmp_path / "m/best.pt"], other, n_way=2, q_query=5, episodes=5, runs=1)
+
+
+def test_a_format_1_checkpoint_loads_as_it_was_trained(tmp_path):
+    from pipeline.fewshot import checkpoint
+    torch.manual_seed(0)
+    head = heads.build("lstm", {"hidden": 8}).eval()
+    old = dict(head="lstm", head_config={"hidden": 8}, state_dict=head.state_dict(), episode=250, best_val=0.5,
+               train_config=dict(head="lstm", hidden=8, loss="circle", k_shot=1, seed=0),
+               cache=dict(path="c.h5", settings={}, settings_hash="x", provenance={}))
+    torch.save(old, tmp_path / "old.pt")
+    ck = checkpoint.load(tmp_path / "old.pt")
+    assert ck.format == 1 and ck.head_options == {"hidden": 8} and "hidden" not in ck.train_config
+    x = torch.randn(3, 3, 768)
+    assert torch.equal(ck.build_head().encode(x), head.encode(x))
+    assert "(format 1)" in checkpoint.describe(tmp_path / "old.pt", ck)

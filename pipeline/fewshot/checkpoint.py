@@ -9,6 +9,7 @@ Format 1 (before head options existed) is read as well: its `head_config` become
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def _from_format_1(d: dict) -> dict:
     resume = {k: d[k] for k in ("optimizer", "scheduler", "rng", "torch_rng", "curve") if k in d} or None
     return dict(head=d["head"], head_options=dict(d.get("head_config", {})), train_config=cfg, cache=d["cache"],
                 state_dict=d["state_dict"], episode=d.get("episode", 0), best_val=d.get("best_val", float("nan")),
-                resume=resume, format=FORMAT)
+                resume=resume, format=1)
 
 
 def describe(path, ck: Checkpoint) -> str:
@@ -102,5 +103,6 @@ def describe(path, ck: Checkpoint) -> str:
         lines.append(f"head file {ck.head_file['path']} (sha256 {ck.head_file['sha256'][:16]}...)")
     lines += [f"best validation accuracy {100 * ck.best_val:.2f}% at episode {ck.episode}",
               "training: " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items())),
-              f"trained on cache {ck.cache['path']} (settings hash {ck.cache['settings_hash']})"]
+              f"trained on cache {ck.cache['path']} (settings hash {ck.cache['settings_hash']})",
+              "cache settings: " + json.dumps(ck.cache["settings"], sort_keys=True)]
     return "\n".join(lines)
