@@ -396,7 +396,7 @@ def predict_figure(r: Report, p, dev, entries, tmp: Path):
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)
     t = time.perf_counter()
-    out = predict(tmp / "mean" / "best.pt", support, queries, cache_root=tmp / "predict-cache", device=dev.type)
+    out = predict(tmp / "mean" / "seed-0" / "best.pt", support, queries, cache_root=tmp / "predict-cache", device=dev.type)
     seconds = time.perf_counter() - t
     used = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else 0.0
     where = ("cuda" if used > 0 else "cpu (no GPU memory was used)") if cuda else "cpu"

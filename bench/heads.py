@@ -4,7 +4,8 @@
 
 Writes the pooled vectors (maps stored 768x1x1x1 to keep the file small: pooled heads never read
 them) and prints: LSTM training episodes/s (5-way 1-shot, 1 query per class) and the time of the
-paper's 18,000 episodes with both optimizer presets (validation every 250 timed apart), eval time
+paper's 18,000 episodes with both optimizer presets (validation every 250 timed apart), 3 training
+seeds against 1 (the head preset's 2,000 episodes), eval time
 for 600 x 10 episodes (lstm, mean), rvn eval episodes/s with the split first convolution vs the
 naive per-pair computation (in memory, UCF101 test size), and peak memory (max RSS) after each step.
 """
@@ -37,6 +38,7 @@ def rss_mb() -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--episodes", type=int, default=18000, help="LSTM training episodes per optimizer preset")
+    ap.add_argument("--seed-episodes", type=int, default=2000, help="LSTM training episodes of the 1 vs 3 seeds figure")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
@@ -54,18 +56,26 @@ def main():
     print(f"synthetic cache: {n} videos x 3 clips written in {time.perf_counter() - t:.1f} s; RSS {rss_mb():.0f} MB")
     for preset in ("head", "paper"):
         cfg = TrainConfig(head="lstm", optimizer=preset, episodes=a.episodes)
-        r = train(cache, tmp / f"lstm_{preset}", cfg, progress=False)
+        r = train(cache, tmp / f"lstm_{preset}", cfg, progress=False)[0]
         steps = r["seconds"] - r["val_seconds"]
         print(f"lstm train, preset {preset} (5-way 1-shot, 1 query/class): {a.episodes / steps:.0f} episodes/s, "
               f"{a.episodes} episodes in {steps:.1f} s = {steps / 60:.2f} min; {r['val_seconds']:.1f} s more for "
               f"{a.episodes // cfg.val_every} validations (300 episodes) and checkpoints; peak RSS {rss_mb():.0f} MB")
+    seconds = {}
+    for seeds in (1, 3):     # training seeds run one after another in one process
+        t = time.perf_counter()
+        train(cache, tmp / f"seeds{seeds}", TrainConfig(head="lstm", episodes=a.seed_episodes, seeds=seeds),
+              progress=False)
+        seconds[seeds] = time.perf_counter() - t
+    print(f"lstm train, preset head, {a.seed_episodes} episodes: 1 seed {seconds[1]:.1f} s, 3 seeds {seconds[3]:.1f} s "
+          f"= {seconds[3] / seconds[1]:.2f}x one seed (validation included)")
     train(cache, tmp / "mean", TrainConfig(head="mean"), progress=False)
     for name, run in (("lstm", "lstm_head"), ("mean", "mean")):
-        evaluate([tmp / run / "best.pt"], cache, episodes=600, runs=10)   # first call writes the episode file
+        evaluate([tmp / run], cache, episodes=600, runs=10)   # first call writes the episode file
         t = time.perf_counter()
-        res, _ = evaluate([tmp / run / "best.pt"], cache, episodes=600, runs=10)
-        print(f"{name} eval, 6000 episodes (5-way 1-shot, 15 queries): {time.perf_counter() - t:.2f} s "
-              f"(scoring alone {res[0]['seconds']:.2f} s); peak RSS {rss_mb():.0f} MB")
+        evaluate([tmp / run], cache, episodes=600, runs=10)
+        print(f"{name} eval, 6000 episodes (5-way 1-shot, 15 queries), best.pt and last.pt: "
+              f"{time.perf_counter() - t:.2f} s; peak RSS {rss_mb():.0f} MB")
     head = heads.build("rvn1").eval()
     maps = torch.randn(2745, 768, 8, 4, 4, dtype=torch.float16)   # UCF101 test split, clip-mean maps
     eps = np.stack([rng.choice(2745, 80, replace=False).reshape(5, 16) for _ in range(20)])

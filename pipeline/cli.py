@@ -170,7 +170,8 @@ def train(ctx: typer.Context,
           val_every: int = typer.Option(250, help="Validate every this many episodes."),
           val_episodes: int = typer.Option(300, help="Fixed validation episodes."),
           val_query: int = typer.Option(15, help="Queries per class in validation episodes."),
-          seed: int = typer.Option(0, help="Seed of initialisation and episode sampling."),
+          seed: int = typer.Option(0, help="Seed of initialisation and episode sampling (the first seed)."),
+          seeds: int = typer.Option(1, help="Training seeds: seed, seed+1, ... each in OUT/seed-N/ (the presets use 3)."),
           params: Optional[Path] = typer.Option(None, help="Take the training settings from this params file (e.g. params.yaml) ..."),
           run: Optional[str] = typer.Option(None, help="... entry runs.RUN of it (then no other training option may be given).")):
     """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
@@ -181,7 +182,7 @@ def train(ctx: typer.Context,
         raise ConfigError("--params and --run go together")
     if params:
         given = [n for n in ("head", "head_opt", "head_file", "loss", "gamma", "margin", "scale", "optimizer", "lr",
-                             "episodes", "n_way", "k_shot", "q_query", "val_every", "val_episodes", "val_query", "seed")
+                             "episodes", "n_way", "k_shot", "q_query", "val_every", "val_episodes", "val_query", "seed", "seeds")
                  if ctx.get_parameter_source(n).name == "COMMANDLINE"]
         if given:
             raise ConfigError(f"--run {run} takes its settings from {params}; do not also give "
@@ -190,10 +191,11 @@ def train(ctx: typer.Context,
     else:
         cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
-                          seed)
-    r = run_train(cache, out, cfg, log=typer.echo)
-    typer.echo(f"{out}: best validation accuracy {100 * r['best_val']:.2f}% after {r['episodes']} episodes "
-               f"({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating); checkpoint {out / 'best.pt'}")
+                          seed, seeds)
+    for r in run_train(cache, out, cfg, log=typer.echo):
+        typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% after {r['episodes']} "
+                   f"episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating); checkpoint "
+                   f"{r['folder']}/best.pt")
 
 
 def run_entry(params: Path, run: str) -> dict:
@@ -215,7 +217,7 @@ def run_entry(params: Path, run: str) -> dict:
 
 
 @app.command("eval")
-def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="One or more best.pt checkpoints (several: a comparison table)."),
+def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (every seed's best.pt) or checkpoint files; several: a comparison table."),
              cache: Path = typer.Option(..., help="Feature cache the heads were trained on."),
              metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write (one checkpoint) or a folder (several)."),
              n_way: int = typer.Option(5, help="N-way."),
@@ -225,8 +227,9 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="One or more bes
              runs: int = typer.Option(10, help="Runs."),
              seed: int = typer.Option(0, help="Seed of the fixed test episodes."),
              part: str = typer.Option("test", help="test | val."),
-             accuracies: Optional[Path] = typer.Option(None, help="Also save per-episode accuracies (.npy, one checkpoint) for paired comparisons in `pipeline report`.")):
+             accuracies: Optional[Path] = typer.Option(None, help="Also save the (seeds, episodes) accuracies (.npy, one run) for paired comparisons in `pipeline report`.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
+    from .errors import ConfigError
     from .fewshot.evaluate import evaluate, table, write_metrics
     results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part)
     typer.echo(table(results))
@@ -238,8 +241,11 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="One or more bes
         if len(results) == 1:
             write_metrics(metrics, results[0])
         else:
-            for r, c in zip(results, checkpoints):
-                write_metrics(metrics / f"{c.parent.name}.json", r)
+            names = [r["run"] for r in results]
+            if len(set(names)) < len(names):
+                raise ConfigError(f"--metrics {metrics}: two targets share the run name {names}; evaluate them separately")
+            for r in results:
+                write_metrics(metrics / f"{r['run']}.json", r)
 
 
 @app.command()

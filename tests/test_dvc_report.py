@@ -58,16 +58,20 @@ def test_dvc_repro_runs_then_is_a_no_op_then_reruns_only_train(tmp_path):
     assert "accuracy" in shown and "ci95" in shown
 
 
-def fake_run(metrics, runs, name, head, loss, acc, gamma=128.0, margin=0.4, seed=0):
+def fake_run(metrics, runs, name, head, loss, acc, gamma=128.0, margin=0.4, seed=0, seeds=2):
+    """Metrics of a run of `seeds` training seeds on 40 shared episodes, as `pipeline eval` writes them."""
+    from pipeline.fewshot.metrics import over_seeds
     rng = np.random.default_rng(seed)
-    per = (rng.random(40) < acc).astype(float)
+    per = (rng.random((seeds, 40)) < acc).astype(float)
     cfg = dict(head=head, head_options={}, loss=loss, gamma=gamma, margin=margin, n_way=5, k_shot=1, seed=0)
-    m = dict(accuracy=float(per.mean()), ci95=float(1.96 * per.std(ddof=1) / np.sqrt(40)), episodes=40, runs=2,
-             head=head, loss=loss, n_way=5, k_shot=1, q_query=15, seed=0, train_config=cfg)
+    m = dict(over_seeds(per), episodes=40, runs=2, run="", head=head, head_options={}, loss=loss, n_way=5, k_shot=1,
+             q_query=15, part="test", seed=0, train_config=cfg,
+             per_seed=[dict(seed=s, val=0.5, test=float(per[s].mean())) for s in range(seeds)])
+    m["run"] = name
     (metrics / f"{name}.json").write_text(json.dumps(m))
     np.save(metrics / f"{name}.npy", per)
-    (runs / name).mkdir(parents=True)
-    (runs / name / "curve.csv").write_text("episode,loss,val_accuracy\n10,2.0,0.5\n20,1.0,0.7\n")
+    (runs / name / "seed-0").mkdir(parents=True)
+    (runs / name / "seed-0" / "curve.csv").write_text("episode,loss,val_accuracy\n10,2.0,0.5\n20,1.0,0.7\n")
     return m, per
 
 
@@ -84,10 +88,14 @@ def test_report_on_metrics_fixtures(tmp_path):
     names = {p.name for p in written}
     assert {"results.md", "results.csv", "curves.png", "sweep_gamma.png", "index.md"} <= names
     assert all(p.exists() and p.stat().st_size > 0 for p in written)
-    rows = {r.split(",")[0]: r.split(",") for r in (tmp_path / "out/results.csv").read_text().splitlines()[1:]}
-    assert float(rows["a_best"][7]) == round(100 * best["accuracy"], 2)
-    assert float(rows["b_ce"][8]) == round(100 * other["ci95"], 2)
-    assert rows["a_best"][-1] == "best"
+    import csv
+    rows = {r["run"]: r for r in csv.DictReader(open(tmp_path / "out/results.csv"))}
+    assert float(rows["a_best"]["accuracy"]) == round(100 * best["accuracy"], 2)
+    assert float(rows["b_ce"]["ci95"]) == round(100 * other["ci95"], 2)
+    assert rows["a_best"]["vs_best"] == "best" and rows["b_ce"]["vs_best"] == "a_best"
     d = paired(other_acc, best_acc)
-    assert rows["b_ce"][-1].startswith(f"{100 * d['diff']:+.2f}")
+    assert float(rows["b_ce"]["diff"]) == round(100 * d["diff"], 2) and d["seeds"] == 2
+    md = (tmp_path / "out/results.md").read_text()
+    assert f"{100 * d['diff']:+.2f} ± {100 * d['ci95']:.2f}" in md and "training seeds and test episodes" in md
+    assert "p = 0 " not in md and "p=0" not in md
     assert "[sweep_gamma.png](sweep_gamma.png)" in (tmp_path / "out/index.md").read_text()

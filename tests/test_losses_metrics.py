@@ -86,3 +86,24 @@ def test_confidence_interval_by_hand():
     assert s["run_means"] == pytest.approx([0.6, 0.95]) and s["episodes"] == 4
     p = paired(np.array([1.0, 1.0, 0.8, 0.9]), np.array([0.8, 0.9, 0.8, 0.7]))
     assert p["diff"] == pytest.approx(0.125) and 0 < p["p_value"] < 0.05
+
+
+def test_seed_aware_interval_and_paired_test_by_hand():
+    from pipeline.fewshot.metrics import format_p, over_seeds
+    acc = np.array([[0.6, 0.8, 1.0, 0.6], [0.8, 1.0, 0.8, 0.6]])     # 2 seeds x 4 shared episodes
+    m = over_seeds(acc)
+    # seed means 0.75, 0.8: std 0.0353553, t(1) 12.7062 -> 12.7062 * 0.0353553 / sqrt(2) = 0.317655
+    # seed-averaged episodes 0.7, 0.9, 0.9, 0.6: std 0.15 -> 1.96 * 0.15 / 2 = 0.147
+    assert m["accuracy"] == pytest.approx(0.775) and m["seed_std"] == pytest.approx(0.0353553, rel=1e-5)
+    assert m["seed_ci95"] == pytest.approx(0.317655, rel=1e-4) and m["episode_ci95"] == pytest.approx(0.147)
+    assert m["ci95"] == pytest.approx(math.hypot(0.317655, 0.147), rel=1e-4)
+    assert (m["seed_min"], m["seed_max"], m["seeds"]) == (0.75, 0.8, 2) and "seeds" in m["noise"]
+    one = over_seeds(acc[:1])
+    assert one["ci95"] == pytest.approx(1.96 * 0.191485 / 2, rel=1e-4) and one["noise"].startswith("test episodes only")
+    d = np.array([[0.1, 0.1, 0.2, 0.0], [0.2, 0.0, 0.1, 0.1]])       # a - b; each seed's mean difference is 0.1
+    p = paired(acc, acc - d)
+    # seed term 0; episode term std(0.15, 0.05, 0.15, 0.05) / 2 = 0.0288675; t = 3.4641 with 1 degree of
+    # freedom (a Cauchy law): p = 1 - 2 atan(3.4641) / pi = 0.17889
+    assert p["diff"] == pytest.approx(0.1) and p["p_value"] == pytest.approx(0.17889, rel=1e-3)
+    assert p["ci95"] == pytest.approx(12.7062 * 0.0288675, rel=1e-4) and p["seeds"] == 2
+    assert format_p(3e-9) == "p < 1e-4" and format_p(0.01234) == "p = 0.012" and format_p(0.0) == "p < 1e-4"

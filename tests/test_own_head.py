@@ -64,17 +64,17 @@ def test_favourite_head_scores_decide_eval_predict_and_report(trained, tmp_path)
     r = cli("train", "--cache", str(trained / "c.h5"), "--out", str(run), "--head-file", str(heads_file),
             "--head", "favourite", "--head-opt", "position=1", "--head-opt", "bonus=5", *TRAIN)
     assert r.returncode == 0, r.stderr
-    ck = torch.load(run / "best.pt", weights_only=False)
+    ck = torch.load(run / "seed-0" / "best.pt", weights_only=False)
     assert ck["head_options"] == {"position": 1, "bonus": 5.0} and ck["head_file"]["path"] == str(heads_file)
     metrics = tmp_path / "metrics"
-    r = cli("eval", str(run / "best.pt"), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
+    r = cli("eval", str(run / "seed-0" / "best.pt"), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
             "--episodes", "600", "--runs", "10", "--metrics", str(metrics / "fav.json"),
             "--accuracies", str(metrics / "fav.npy"))
     assert r.returncode == 0, r.stderr
     m = json.loads((metrics / "fav.json").read_text())
     assert m["episodes"] == 6000 and abs(m["accuracy"] - 1 / 3) < 1e-6 and m["ci95"] < 1e-6
     sup, queries = support_and_queries(tmp_path)
-    r = cli("predict", "--checkpoint", str(run / "best.pt"), "--support", str(sup), "--cache-dir", str(tmp_path / "pc"),
+    r = cli("predict", "--checkpoint", str(run / "seed-0" / "best.pt"), "--support", str(sup), "--cache-dir", str(tmp_path / "pc"),
             "--json", *map(str, queries))
     assert r.returncode == 0, r.stderr
     assert [x["predicted"] for x in json.loads(r.stdout)["results"]] == ["red", "red"]   # position 1 of blue, red
@@ -84,7 +84,7 @@ def test_favourite_head_scores_decide_eval_predict_and_report(trained, tmp_path)
     assert "| fav | favourite |" in (tmp_path / "rep/results.md").read_text()
     assert "33.33" in (tmp_path / "rep/results.md").read_text()
     heads_file.write_text(FAVOURITE + "\n# edited after training\n")
-    r = cli("eval", str(run / "best.pt"), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2")
+    r = cli("eval", str(run / "seed-0" / "best.pt"), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2")
     assert r.returncode == 2 and "has changed since" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -96,15 +96,15 @@ def test_readme_head_runs_end_to_end(trained, tmp_path):
     r = cli("train", "--cache", str(trained / "c.h5"), "--out", str(run), "--head-file", str(path), "--head", "euclid",
             "--head-opt", "dim=32", "--loss", "ce", *TRAIN)
     assert r.returncode == 0, r.stderr
-    r = cli("info", str(run / "best.pt"))
+    r = cli("info", str(run / "seed-0" / "best.pt"))
     assert r.returncode == 0 and "dim=32" in r.stdout and str(path) in r.stdout
     metrics = tmp_path / "metrics"
-    r = cli("eval", str(run / "best.pt"), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
+    r = cli("eval", str(run / "seed-0" / "best.pt"), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
             "--episodes", "20", "--runs", "2", "--metrics", str(metrics / "euclid.json"))
     assert r.returncode == 0, r.stderr
     assert 0 <= json.loads((metrics / "euclid.json").read_text())["accuracy"] <= 1
     sup, queries = support_and_queries(tmp_path)
-    r = cli("predict", "--checkpoint", str(run / "best.pt"), "--support", str(sup), "--cache-dir", str(tmp_path / "pc"),
+    r = cli("predict", "--checkpoint", str(run / "seed-0" / "best.pt"), "--support", str(sup), "--cache-dir", str(tmp_path / "pc"),
             "--json", *map(str, queries))
     assert r.returncode == 0, r.stderr
     scores = json.loads(r.stdout)["results"][0]["scores"]
@@ -126,7 +126,7 @@ def test_bad_inputs_end_in_one_line(trained, tmp_path):
          "option hidden='big' is not a int"),
         (["train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "r"), "--head", "nope"], "unknown head"),
     ]
-    newer = torch.load(trained / "run/best.pt", weights_only=False)
+    newer = torch.load(trained / "run/seed-0/best.pt", weights_only=False)
     newer["format"] = 99
     torch.save(newer, tmp_path / "newer.pt")
     cases.append((["eval", str(tmp_path / "newer.pt"), "--cache", str(trained / "c.h5")], "format 99"))

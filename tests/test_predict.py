@@ -8,7 +8,7 @@ def test_predicts_an_easily_separable_case_and_reuses_the_support_cache(trained,
         flat_video(sup / "blue" / f"b{i}.avi", 60 + 10 * i)
         flat_video(sup / "red" / f"r{i}.avi", 200 + 10 * i)
     queries = [flat_video(tmp_path / "q" / "qb.avi", 75), flat_video(tmp_path / "q" / "qr.avi", 215)]
-    args = ["predict", "--checkpoint", str(trained / "run/best.pt"), "--support", str(sup), "--cache-dir",
+    args = ["predict", "--checkpoint", str(trained / "run/seed-0/best.pt"), "--support", str(sup), "--cache-dir",
             str(tmp_path / "pc"), "--json"]
     r = cli(*args, str(queries[0]), str(queries[1]))
     assert r.returncode == 0, r.stderr
@@ -30,7 +30,7 @@ def test_predicts_an_easily_separable_case_and_reuses_the_support_cache(trained,
 
 
 def test_error_cases(trained, tmp_path):
-    ck = str(trained / "run/best.pt")
+    ck = str(trained / "run/seed-0/best.pt")
     one = tmp_path / "one"
     flat_video(one / "only" / "x.avi", 50)
     r = cli("predict", "--checkpoint", ck, "--support", str(one), str(one / "only" / "x.avi"))
@@ -59,7 +59,7 @@ def test_error_cases(trained, tmp_path):
 def test_info_on_cache_and_checkpoint(trained):
     r = cli("info", str(trained / "c.h5"))
     assert r.returncode == 0 and "24 videos" in r.stdout and "train: 3 classes, 9 videos ok" in r.stdout
-    r = cli("info", str(trained / "run/best.pt"))
+    r = cli("info", str(trained / "run/seed-0/best.pt"))
     assert r.returncode == 0 and "head mean" in r.stdout and "trained on cache" in r.stdout
     assert cli("info", str(trained / "nope.h5")).returncode == 2
 
@@ -71,7 +71,7 @@ def test_relation_head_predicts_too(trained, tmp_path):
     sup = tmp_path / "support"
     flat_video(sup / "blue" / "b.avi", 60)
     flat_video(sup / "red" / "r.avi", 200)
-    r = cli("predict", "--checkpoint", str(tmp_path / "rvn/best.pt"), "--support", str(sup), "--cache-dir",
+    r = cli("predict", "--checkpoint", str(tmp_path / "rvn/seed-0/best.pt"), "--support", str(sup), "--cache-dir",
             str(tmp_path / "pc"), "--json", str(flat_video(tmp_path / "q.avi", 65)))
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)["results"][0]

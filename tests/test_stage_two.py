@@ -92,10 +92,10 @@ def cache(tmp_path_factory):
 def test_lstm_separates_order_only_classes_and_mean_cannot(cache, tmp_path):
     r = train(cache, tmp_path / "lstm", TrainConfig(head="lstm", head_options={"hidden": 64}, episodes=300, **FAST), progress=False)
     train(cache, tmp_path / "mean", TrainConfig(head="mean", **FAST), progress=False)
-    res, _ = evaluate([tmp_path / "lstm/best.pt", tmp_path / "mean/best.pt"], cache, n_way=2, k_shot=1, q_query=5,
+    res, _ = evaluate([tmp_path / "lstm/seed-0/best.pt", tmp_path / "mean/seed-0/best.pt"], cache, n_way=2, k_shot=1, q_query=5,
                       episodes=50, runs=2)
     lstm, mean = res
-    assert r["best_val"] > 0.9
+    assert r[0]["best_val"] > 0.9
     assert lstm["accuracy"] > 0.9
     assert abs(mean["accuracy"] - 0.5) < 0.15          # the two classes have the same mean
     assert mean["vs_best"]["diff"] < -0.3 and lstm["vs_best"] is None
@@ -105,11 +105,11 @@ def test_training_lowers_the_loss_and_is_deterministic(cache, tmp_path):
     cfg = TrainConfig(head="lstm", head_options={"hidden": 32}, episodes=200, **FAST)
     train(cache, tmp_path / "a", cfg, progress=False)
     train(cache, tmp_path / "b", cfg, progress=False)
-    curve = __import__("json").loads((tmp_path / "a/curve.json").read_text())
+    curve = __import__("json").loads((tmp_path / "a/seed-0/curve.json").read_text())
     assert curve[-1]["loss"] < curve[0]["loss"]
-    a, b = torch.load(tmp_path / "a/best.pt"), torch.load(tmp_path / "b/best.pt")
+    a, b = torch.load(tmp_path / "a/seed-0/best.pt"), torch.load(tmp_path / "b/seed-0/best.pt")
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    assert (tmp_path / "a/curve.csv").read_text().startswith("episode,loss,val_accuracy")
+    assert (tmp_path / "a/seed-0/curve.csv").read_text().startswith("episode,loss,val_accuracy")
 
 
 def test_interrupted_training_resumes_to_the_same_result(cache, tmp_path, monkeypatch):
@@ -128,17 +128,17 @@ def test_interrupted_training_resumes_to_the_same_result(cache, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         train(cache, tmp_path / "cut", cfg, progress=False)
     monkeypatch.setattr(tr, "validate", real)
-    assert torch.load(tmp_path / "cut/last.pt", weights_only=False)["episode"] == 100
+    assert torch.load(tmp_path / "cut/seed-0/last.pt", weights_only=False)["episode"] == 100
     train(cache, tmp_path / "cut", cfg, progress=False)
-    a = torch.load(tmp_path / "full/last.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut/last.pt", weights_only=False)
+    a = torch.load(tmp_path / "full/seed-0/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut/seed-0/last.pt", weights_only=False)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["resume"]["curve"] == b["resume"]["curve"]
 
 
 def test_rvn_trains_with_mse(cache, tmp_path):
     r = train(cache, tmp_path / "rvn", TrainConfig(head="rvn3", loss="mse", episodes=100, **FAST), progress=False)
-    assert 0 <= r["best_val"] <= 1 and (tmp_path / "rvn/best.pt").exists()
+    assert 0 <= r[0]["best_val"] <= 1 and (tmp_path / "rvn/seed-0/best.pt").exists()
 
 
 def test_nan_loss_stops_with_the_episode_named(tmp_path):
@@ -159,7 +159,7 @@ def test_eval_refuses_a_cache_with_other_settings(cache, tmp_path):
         f.attrs["settings_hash"] = "0000"
         f.attrs["settings"] = '{"dtype": "float16"}'
     with pytest.raises(CacheMismatch, match="other settings"):
-        evaluate([tmp_path / "m/best.pt"], other, n_way=2, q_query=5, episodes=5, runs=1)
+        evaluate([tmp_path / "m/seed-0/best.pt"], other, n_way=2, q_query=5, episodes=5, runs=1)
 
 
 def test_a_format_1_checkpoint_loads_as_it_was_trained(tmp_path):
@@ -175,3 +175,19 @@ def test_a_format_1_checkpoint_loads_as_it_was_trained(tmp_path):
     x = torch.randn(3, 3, 768)
     assert torch.equal(ck.build_head().encode(x), head.encode(x))
     assert "(format 1)" in checkpoint.describe(tmp_path / "old.pt", ck)
+
+
+def test_seeds_of_one_run_equal_separate_runs_and_share_validation_episodes(cache, tmp_path):
+    cfg = dict(head="lstm", head_options={"hidden": 16}, episodes=100, **FAST)
+    r = train(cache, tmp_path / "two", TrainConfig(seed=3, seeds=2, **cfg), progress=False)
+    assert [x["seed"] for x in r] == [3, 4]
+    train(cache, tmp_path / "alone", TrainConfig(seed=4, **cfg), progress=False)
+    a = torch.load(tmp_path / "two/seed-4/last.pt", weights_only=False)
+    b = torch.load(tmp_path / "alone/seed-4/last.pt", weights_only=False)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["train_config"]["seed"] == 4 and a["train_config"]["seeds"] == 1
+    res, accs = evaluate([tmp_path / "two"], cache, n_way=2, q_query=5, episodes=20, runs=2)
+    assert accs[0].shape == (2, 40) and [s["seed"] for s in res[0]["per_seed"]] == [3, 4]
+    assert res[0]["accuracy"] == pytest.approx(accs[0].mean()) and "last_test" in res[0]["per_seed"][0]
+    val_files = list((cache.parent / "order.episodes").glob("val-*seed4.npz"))
+    assert val_files, "both seeds validate on the episodes of seed 3 + 1"

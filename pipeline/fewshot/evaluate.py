@@ -3,19 +3,18 @@ accuracy with a 95% confidence interval, computed from per-video work done once.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingFile
 from ..files import atomic_write_text
 from ..store import FeatureStore, check_settings
 from . import checkpoint
 from .episodes import fixed_episodes
 from .features import load
-from .metrics import paired, summarize
+from .metrics import format_p, mean_ci, over_seeds, paired, summarize
 
 ENCODE_BLOCK = 4096   # videos encoded per call: memory stays bounded for map heads
 
@@ -49,58 +48,140 @@ def check_cache(ck, store: FeatureStore, path) -> None:
                    f"evaluate it on a cache extracted with the same settings as {ck.cache['path']}")
 
 
-def evaluate(checkpoints, cache, n_way=5, k_shot=None, q_query=15, episodes=600, runs=10, seed=0,
-             part="test") -> tuple[list[dict], np.ndarray]:
-    """Metrics for each checkpoint on the same fixed episodes, and the (checkpoints, E) accuracies.
-    K defaults to the K the checkpoints were trained with (which must then agree)."""
-    cks = [checkpoint.load(c) for c in checkpoints]
+def run_checkpoints(target) -> list[Path]:
+    """A run folder's selected checkpoints, one per training seed (seed-*/best.pt, in seed order), or
+    a single checkpoint file."""
+    target = Path(target)
+    if not target.is_dir():
+        return [target]
+    found = sorted(target.glob("seed-*/best.pt"), key=lambda p: int(p.parent.name.split("-", 1)[1]))
+    if not found:
+        raise MissingFile(f"{target}: no seed-*/best.pt in this run folder (run `pipeline train --out {target}`)")
+    return found
+
+
+def run_name(target) -> str:
+    """runs/x for runs/x, runs/x/seed-0/best.pt and runs/x/best.pt alike."""
+    t = Path(target)
+    if t.is_dir():
+        return t.name
+    return t.parent.parent.name if t.parent.name.startswith("seed-") else t.parent.name
+
+
+def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, runs=10, seed=0,
+             part="test") -> tuple[list[dict], list[np.ndarray]]:
+    """Metrics of each target (a run folder: every seed's best.pt; or one checkpoint) on the same fixed
+    episodes, compared with the best target on the same episodes and seeds; and each target's
+    (seeds, E) per-episode accuracies. K defaults to the K the checkpoints were trained with (which
+    must then agree). Each seed's last.pt, when present, is scored too, so that the effect of
+    selecting on validation is visible."""
+    paths = [run_checkpoints(t) for t in targets]
+    cks = {p: checkpoint.load(p) for ps in paths for p in ps}
     if k_shot is None:
-        trained = {ck.train_config["k_shot"] for ck in cks}
+        trained = {ck.train_config["k_shot"] for ck in cks.values()}
         if len(trained) > 1:
             raise ConfigError(f"the checkpoints were trained with K = {sorted(trained)}; pass --k-shot to score them "
                               "on the same episodes")
         k_shot = trained.pop()
-    loaded = [(ck.build_head(), ck) for ck in cks]
+    heads_ = {p: ck.build_head() for p, ck in cks.items()}
     with FeatureStore(cache) as store:
-        for ck, path in zip(cks, checkpoints):
-            check_cache(ck, store, path)
-        consumes = {h.consumes for h, _ in loaded}
-        feats = {c: load(store, part, c, views=1) for c in consumes}
+        for p, ck in cks.items():
+            check_cache(ck, store, p)
+        feats = {c: load(store, part, c, views=1) for c in {h.consumes for h in heads_.values()}}
         any_feats = next(iter(feats.values()))
         eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
                              episodes * runs, seed)
         settings_hash = store.settings_hash
+
+    def score(head):
+        return episode_accuracies(head, feats[head.consumes], eps, k_shot)
+
     results, accs = [], []
-    for (head, ck), path in zip(loaded, checkpoints):
-        t0 = time.perf_counter()
-        acc = episode_accuracies(head, feats[head.consumes], eps, k_shot)
-        m = summarize(acc, runs)
-        m.update(head=ck.head, head_options=ck.head_options, loss=ck.train_config["loss"] if ck.state_dict else "(none)",
-                 checkpoint=str(path), cache=str(cache),
-                 cache_settings_hash=settings_hash, n_way=n_way, k_shot=k_shot, q_query=q_query, part=part,
-                 seed=seed, best_val=ck.best_val, train_config=ck.train_config,
-                 seconds=time.perf_counter() - t0)
+    for target, ps in zip(targets, paths):
+        acc = np.stack([score(heads_[p]) for p in ps])                       # (seeds, E)
+        per_seed = [_seed_record(p, cks[p], a, score) for p, a in zip(ps, acc)]
+        first = cks[ps[0]]
+        m = over_seeds(acc)
+        m.update(summarize_runs(acc.mean(0), runs))
+        m.update(run=run_name(target), head=first.head,
+                 head_options=first.head_options, loss=first.train_config["loss"] if first.state_dict else "(none)",
+                 per_seed=per_seed, cache=str(cache), cache_settings_hash=settings_hash, n_way=n_way, k_shot=k_shot,
+                 q_query=q_query, part=part, seed=seed, train_config=first.train_config)
         results.append(m)
         accs.append(acc)
-    accs = np.stack(accs)
-    best = int(np.argmax([r["accuracy"] for r in results]))
-    for i, r in enumerate(results):
-        r["vs_best"] = None if i == best else paired(accs[i], accs[best])
+    compare_to_best(results, accs)
     return results, accs
 
 
+def summarize_runs(acc: np.ndarray, runs: int) -> dict:
+    """The paper's runs (600 episodes each) of the seed-averaged accuracies."""
+    s = summarize(acc, runs)
+    return {k: s[k] for k in ("episodes", "runs", "run_means", "run_std", "run_min", "run_max")}
+
+
+def _seed_record(path: Path, ck, acc: np.ndarray, score) -> dict:
+    """One seed: its selected checkpoint's validation and test accuracy, and its last checkpoint's."""
+    rec = dict(seed=ck.train_config["seed"], checkpoint=str(path), episode=ck.episode, val=ck.best_val,
+               test=float(acc.mean()), episode_ci95=mean_ci(acc)[1])
+    last = path.with_name("last.pt")
+    if last.exists() and last != path:
+        lk = checkpoint.load(last)
+        curve = (lk.resume or {}).get("curve") or []
+        rec.update(last_episode=lk.episode, last_val=curve[-1]["val_accuracy"] if curve else lk.best_val,
+                   last_test=float(score(lk.build_head()).mean()))
+    return rec
+
+
+def compare_to_best(results: list[dict], accs: list[np.ndarray]) -> None:
+    """Sets each result's `vs_best`: the paired comparison with the most accurate result scored on the
+    same episodes (same part, N, K, Q, count, episode seed), over the training seeds both have."""
+    def key(r):
+        return (r["part"], r["n_way"], r["k_shot"], r["q_query"], r["episodes"], r["seed"])
+
+    for r, a in zip(results, accs):
+        group = [(o, b) for o, b in zip(results, accs) if key(o) == key(r)]
+        best, best_acc = max(group, key=lambda t: t[0]["accuracy"])
+        if best is r:
+            r["vs_best"] = None
+            continue
+        if a is None or best_acc is None:
+            r["vs_best"] = dict(best=best["run"], diff=None, why="no per-episode accuracies saved")
+            continue
+        mine = {s["seed"]: i for i, s in enumerate(r["per_seed"])}
+        theirs = {s["seed"]: i for i, s in enumerate(best["per_seed"])}
+        common = sorted(set(mine) & set(theirs))
+        r["vs_best"] = dict(paired(a[[mine[s] for s in common]], best_acc[[theirs[s] for s in common]]),
+                            best=best["run"]) if common else dict(best=best["run"], diff=None, why="no common seed")
+
+
 def table(results: list[dict]) -> str:
-    """A Markdown table in the paper's style (accuracy % +- 95% CI)."""
-    lines = ["| head | loss | N-way K-shot | accuracy (%) | runs min-max | vs best (diff, p) |",
-             "|---|---|---|---|---|---|"]
+    """A Markdown table: per run the mean over seeds with a 95% interval (what it covers is in the
+    last column), the seeds' range, the selected and the last checkpoints' validation and test
+    accuracy, and the paired comparison with the best run."""
+    lines = ["| run | head | loss | options | N-way K-shot | accuracy (%) ± 95% CI | seeds: min-max | "
+             "val / test, selected ckpt | val / test, last ckpt | vs best: diff, p | noise covered |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        vs = "best" if r["vs_best"] is None else f"{100 * r['vs_best']['diff']:+.2f}, p={r['vs_best']['p_value']:.2g}"
-        lines.append(f"| {r['head']} | {r['loss']} | {r['n_way']}-way {r['k_shot']}-shot | "
-                     f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | "
-                     f"{100 * r['run_min']:.2f}-{100 * r['run_max']:.2f} | {vs} |")
+        vs = r["vs_best"]
+        if vs is None:
+            cmp = "best"
+        elif vs.get("diff") is None:
+            cmp = f"not compared with {vs['best']}: {vs['why']}"
+        else:
+            cmp = f"{100 * vs['diff']:+.2f} ± {100 * vs['ci95']:.2f}, {format_p(vs['p_value'])}"
+        seeds = r["per_seed"]
+        sel = f"{_mean_pct(seeds, 'val')} / {_mean_pct(seeds, 'test')}"
+        last = f"{_mean_pct(seeds, 'last_val')} / {_mean_pct(seeds, 'last_test')}"
+        options = " ".join(f"{k}={v}" for k, v in r.get("head_options", {}).items())
+        lines.append(f"| {r['run']} | {r['head']} | {r['loss']} | {options} | {r['n_way']}-way {r['k_shot']}-shot | "
+                     f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {r['seeds']}: "
+                     f"{100 * r['seed_min']:.2f}-{100 * r['seed_max']:.2f} | {sel} | {last} | {cmp} | {r['noise']} |")
     return "\n".join(lines)
 
 
+def _mean_pct(seeds: list[dict], key: str) -> str:
+    values = [s[key] for s in seeds if key in s]
+    return f"{100 * float(np.mean(values)):.2f}" if values else "-"
 def write_metrics(path, result: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

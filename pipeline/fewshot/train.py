@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class TrainConfig:
     val_episodes: int = 300
     val_query: int = 15
     seed: int = 0
+    seeds: int = 1                   # training seeds seed, seed + 1, ...: one checkpoint folder each
 
     def __post_init__(self):
         if self.head_file:
@@ -62,7 +63,7 @@ class TrainConfig:
             raise ConfigError(f"train.loss: unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer: unknown preset {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
-        for k in ("k_shot", "q_query", "val_every", "val_episodes", "val_query"):
+        for k in ("k_shot", "q_query", "val_every", "val_episodes", "val_query", "seeds"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if self.n_way < 2:
@@ -120,18 +121,26 @@ def validate(head, feats, episodes: np.ndarray, k_shot: int) -> np.ndarray:
     return acc
 
 
-def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print) -> dict:
-    """Train `config.head` on the train part of `cache`; keep the checkpoint with the best validation
-    accuracy (never test). Resumes from `out_dir/last.pt` when it exists and matches the config."""
+def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print) -> list[dict]:
+    """Train `config.head` on the train part of `cache`, once per training seed (config.seed,
+    config.seed + 1, ...: `out_dir/seed-N/`), each keeping the checkpoint with the best validation
+    accuracy (never test), all on the same fixed validation episodes. A seed resumes from its
+    last.pt when that exists and matches the config."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(out_dir, "run folder"):
-        return _train(cache, out_dir, config, progress, log)
+        results = []
+        for seed in range(config.seed, config.seed + config.seeds):
+            one = replace(config, seed=seed, seeds=1)
+            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log),
+                                seed=seed, folder=str(out_dir / f"seed-{seed}")))
+        return results
 
 
-def _train(cache, out_dir: Path, config: TrainConfig, progress: bool, log) -> dict:
+def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: bool, log) -> dict:
     from tqdm import tqdm
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     head_file = heads.load_head_file(config.head_file) if config.head_file else None
     head = heads.build(config.head, config.head_options)
@@ -139,7 +148,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, progress: bool, log) -> di
         tr = load(store, "train", head.consumes)
         va = load(store, "val", head.consumes, views=1)
         val_eps = fixed_episodes(Path(cache), va.ids, va.by_class(), "val", config.n_way, config.k_shot,
-                                 config.val_query, config.val_episodes, config.seed + 1)
+                                 config.val_query, config.val_episodes, val_seed)
         cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash,
                           provenance=store.provenance)
     opt_name, lr, every, factor, total = config.schedule()
@@ -178,7 +187,8 @@ def _train(cache, out_dir: Path, config: TrainConfig, progress: bool, log) -> di
         log(f"resuming from {last} at episode {start}")
     head.train()
     window, t0, val_seconds = [], time.perf_counter(), 0.0
-    bar = tqdm(range(start, total), initial=start, total=total, unit="ep", disable=not progress, desc=config.head)
+    bar = tqdm(range(start, total), initial=start, total=total, unit="ep", disable=not progress,
+               desc=f"{config.head} seed {config.seed}")
     for ep in bar:
         episode = sampler.sample(rng)
         views = rng.integers(tr.views, size=episode.size) if tr.views > 1 else None

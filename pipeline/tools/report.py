@@ -1,6 +1,6 @@
 """`pipeline report`: the paper's tables and figures from evaluated runs.
 
-Reads `<runs>/<name>/` folders (best.pt, curve.csv) and `<metrics>/<name>.json` (+ `.npy` per-episode
+Reads `<runs>/<name>/seed-N/` folders (best.pt, curve.csv) and `<metrics>/<name>.json` (+ `.npy` per-episode
 accuracies written by `pipeline eval --accuracies`) and writes, under `--out`:
   results.md / results.csv   Table 4 style: mean +- 95% CI per run, paired comparison to the best
                              run with the same K on the same episodes
@@ -22,48 +22,43 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingFile
-from ..fewshot.metrics import paired
+from ..fewshot.evaluate import compare_to_best, run_checkpoints, table
 
 SWEPT = ("gamma", "margin")
 
 
-def load_runs(metrics_dir: Path) -> list[dict]:
-    runs = []
+def load_runs(metrics_dir: Path) -> tuple[list[dict], list]:
+    """The metrics JSON of every evaluated run, and its (seeds, E) per-episode accuracies (.npy beside
+    it) or None; comparisons with the best run are recomputed across all of them."""
+    runs, accs = [], []
     for f in sorted(Path(metrics_dir).glob("*.json")):
         m = json.loads(f.read_text())
-        if "accuracy" not in m:
+        if "per_seed" not in m:
+            if "accuracy" in m:
+                raise MissingFile(f"{f} was written before runs had training seeds; run `pipeline eval` on the "
+                                  "run again (or `dvc repro`) to rewrite it")
             continue
-        m["name"] = f.stem
-        acc = f.with_suffix(".npy")
-        m["per_episode"] = np.load(acc) if acc.exists() else None
+        npy = f.with_suffix(".npy")
         runs.append(m)
-    return runs
+        accs.append(np.atleast_2d(np.load(npy)) if npy.exists() else None)
+    compare_to_best(runs, accs)
+    return runs, accs
 
 
-def results_table(runs: list[dict]) -> tuple[list[dict], str]:
-    """Rows with paired comparisons to the best run of the same K (same episodes), and Markdown."""
+def csv_rows(runs: list[dict]) -> list[dict]:
     rows = []
     for r in runs:
-        same = [o for o in runs if o["k_shot"] == r["k_shot"] and o["n_way"] == r["n_way"]]
-        best = max(same, key=lambda o: o["accuracy"])
-        cmp = None
-        if best is not r and r["per_episode"] is not None and best["per_episode"] is not None \
-                and len(r["per_episode"]) == len(best["per_episode"]):
-            cmp = paired(r["per_episode"], best["per_episode"])
-        cfg = r.get("train_config", {})
-        options = cfg.get("head_options", {"hidden": cfg["hidden"]} if "hidden" in cfg else {})  # format 1 had hidden
-        rows.append(dict(run=r["name"], head=r["head"], loss=r["loss"],
-                         options=" ".join(f"{k}={v}" for k, v in options.items()),
-                         gamma=cfg.get("gamma", "") if r["loss"] == "circle" else "",
-                         margin=cfg.get("margin", "") if r["loss"] == "circle" else "",
+        vs = r["vs_best"] or {}
+        rows.append(dict(run=r["run"], head=r["head"], loss=r["loss"],
+                         options=" ".join(f"{k}={v}" for k, v in r.get("head_options", {}).items()),
                          setting=f"{r['n_way']}-way {r['k_shot']}-shot", accuracy=round(100 * r["accuracy"], 2),
-                         ci95=round(100 * r["ci95"], 2), episodes=r["episodes"],
-                         vs_best="best" if best is r else
-                         ("" if cmp is None else f"{100 * cmp['diff']:+.2f} (p={cmp['p_value']:.2g})")))
-    cols = list(rows[0]) if rows else []
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in rows]
-    return rows, "\n".join(md)
+                         ci95=round(100 * r["ci95"], 2), seeds=r["seeds"], seed_min=round(100 * r["seed_min"], 2),
+                         seed_max=round(100 * r["seed_max"], 2), seed_std=round(100 * r["seed_std"], 2),
+                         episodes=r["episodes"], noise=r["noise"],
+                         vs_best="best" if not vs else vs.get("best"),
+                         diff=round(100 * vs["diff"], 2) if vs.get("diff") is not None else "",
+                         p_value=vs.get("p_value", "")))
+    return rows
 
 
 def test_encodings(runs, runs_dir, cache):
@@ -76,10 +71,10 @@ def test_encodings(runs, runs_dir, cache):
     encoded, feats = [], {}
     with FeatureStore(cache) as st:
         for r in runs:
-            ck_path = Path(runs_dir) / r["name"] / "best.pt"
-            if not ck_path.exists():
+            folder = Path(runs_dir) / r["run"]
+            if not folder.is_dir():
                 continue
-            head = checkpoint.load(ck_path).build_head()
+            head = checkpoint.load(run_checkpoints(folder)[0]).build_head()     # the first seed's
             if head.consumes not in feats:
                 feats[head.consumes] = load(st, "test", head.consumes, views=1)
             x = torch.from_numpy(np.asarray(feats[head.consumes].x[:, 0], np.float32))
@@ -100,7 +95,7 @@ def similarity_figure(path, feats, encoded, cache, plt):
     with torch.no_grad():
         for r, head, z in encoded:
             scores = head.scores(z[ep[:, :1]], head.as_query(z[ep[:, 1:].reshape(-1)]))   # (N*Q, N), 1-shot
-            panels.append((f"{r['name']} ({r['head']}, {r['loss']})", scores.T.numpy()))
+            panels.append((f"{r['run']} ({r['head']}, {r['loss']})", scores.T.numpy()))
     panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)
     for ax, (title, sim) in zip(axes[:, 0], panels):
@@ -129,7 +124,7 @@ def tsne_figure(path, feats, encoded, plt):
         for c in classes:
             m = classes_of == c
             ax.scatter(xy[m, 0], xy[m, 1], s=10, label=c)
-        ax.set_title(f"{r['name']} ({r['head']}, {r['loss']})", fontsize=10)
+        ax.set_title(f"{r['run']} ({r['head']}, {r['loss']})", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     axes[0, -1].legend(fontsize=7, loc="best", markerscale=1.5)
@@ -178,11 +173,11 @@ def sweep_figures(out: Path, runs, plt) -> list[Path]:
 
 def curves_figure(path, runs_dir, plt):
     curves = {}
-    for f in sorted(Path(runs_dir).glob("*/curve.csv")):
+    for f in sorted(Path(runs_dir).glob("*/seed-*/curve.csv")):
         with open(f) as fh:
             rows = list(csv.DictReader(fh))
         if len(rows) > 1:
-            curves[f.parent.name] = rows
+            curves[f"{f.parent.parent.name} {f.parent.name}"] = rows
     if not curves:
         return None
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -211,10 +206,10 @@ def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(metrics_dir)
+    runs, _ = load_runs(metrics_dir)
     if not runs:
         raise MissingFile(f"no metrics JSON in {metrics_dir} (run `pipeline eval --metrics ...`)")
-    rows, md = results_table(runs)
+    rows, md = csv_rows(runs), table(runs)
     (out / "results.md").write_text(md + "\n")
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -229,7 +224,8 @@ def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
     figures += sweep_figures(out, runs, plt)
     figures.append(curves_figure(out / "curves.png", runs_dir, plt))
     figures = [f for f in figures if f]
-    index = ["# Report", "", "## Results (accuracy % with 95% CI, same fixed test episodes)", "", md, "",
+    index = ["# Report", "", "## Results (mean over training seeds, 95% CI of the noise named in the last column; "
+             "all runs on the same fixed test episodes)", "", md, "",
              "Also as [results.csv](results.csv).", "", "## Figures", ""]
     index += [f"- [{f.name}]({f.name})" for f in figures]
     (out / "index.md").write_text("\n".join(index) + "\n")

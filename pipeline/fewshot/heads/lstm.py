@@ -22,6 +22,8 @@ class LSTMHead(EmbeddingHead):
     @dataclass
     class Options:
         hidden: int = option(512, "hidden units of the LSTM (the video vector's size)")
+        order_blind: bool = option(False, "feed the mean clip vector at every step: a trained control that "
+                                          "cannot see order")
 
     def __init__(self, options=None, in_dim: int = 768):
         super().__init__(options)
@@ -30,6 +32,8 @@ class LSTMHead(EmbeddingHead):
         self.lstm = nn.LSTM(in_dim, self.options.hidden, batch_first=True)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.options.order_blind:    # what training buys without order: every step sees the same input
+            x = x.mean(1, keepdim=True).expand_as(x)
         p = self.lstm
         return last_hidden(x, p.weight_ih_l0, p.weight_hh_l0, p.bias_ih_l0 + p.bias_hh_l0)  # (B, T, D) -> (B, H)
 
