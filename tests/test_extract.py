@@ -87,6 +87,29 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(dataset, tmp_path):
         assert f["features"].dtype == np.float32
 
 
+def test_same_settings_from_other_videos_or_part_size_are_refused_not_reused(dataset, tmp_path):
+    root, split = dataset
+    assert run_cli(dataset, tmp_path / "c.h5").returncode == 0
+    moved = tmp_path / "split2"
+    moved.mkdir()
+    for part, cs in (("train", "ab"), ("val", "cd"), ("test", "e")):          # c moves from train to val
+        (moved / f"{part}_classes.txt").write_text("\n".join(cs) + "\n")
+    cmd = [sys.executable, "-m", "pipeline", "extract", "--root", str(root), "--split", str(moved), "--out",
+           str(tmp_path / "c.h5"), *SMALL]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and "same settings from other videos" in r.stderr and "--overwrite" in r.stderr
+    r = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True)
+    assert r.returncode == 0 and "up to date" not in r.stdout
+    with FeatureStore(tmp_path / "c.h5") as st:
+        assert sorted(set(st.videos["part"][st.videos["class_name"] == "c"])) == ["val"]
+    assert "up to date" in subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True).stdout
+    parts = tmp_path / "p.h5.parts"
+    parts.mkdir()
+    (parts / "settings.json").write_text('{"part_size": 7}')
+    r = run_cli(dataset, tmp_path / "p.h5")
+    assert r.returncode == 2 and "not a feature cache" in r.stderr
+
+
 def test_kill_9_then_resume_gives_the_same_cache(dataset, tmp_path):
     assert run_cli(dataset, tmp_path / "full.h5").returncode == 0
     root, split = dataset

@@ -123,7 +123,7 @@ def test_bad_inputs_end_in_one_line(trained, tmp_path):
         (["train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "r"), "--head-opt", "depth=3"],
          "unknown option 'depth'; its options: hidden (int, default 512)"),
         (["train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "r"), "--head-opt", "hidden=big"],
-         "option hidden='big' is not a int"),
+         "option hidden='big' is not a valid int"),
         (["train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "r"), "--head", "nope"], "unknown head"),
     ]
     newer = torch.load(trained / "run/seed-0/best.pt", weights_only=False)

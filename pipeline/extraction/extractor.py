@@ -10,6 +10,7 @@ files gives the same file as a single process.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ import torch
 
 from ..errors import ConfigError
 from ..files import atomic_path, atomic_write_text, exclusive
-from ..store import FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps, read_settings
+from ..store import CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps, read_settings
 from .backbone import Backbone, BatchForward, pick_device
 from .datasets import VideoEntry
 from .settings import ExtractSettings
@@ -134,27 +135,35 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     from tqdm import tqdm
 
     wanted = settings.as_dict()
+    indexed = list(zip(entries, range(len(entries))))
+    groups = [indexed[k:k + part_size] for k in range(0, len(indexed), part_size)]
+    mine = [k for k in range(len(groups)) if k % n == i]
+    videos = [[e.id, e.part, e.label] for k in mine for e, _ in groups[k]]       # this shard's, in order
+    # what the part files are cut from: resuming needs the same settings, videos and part size
+    identity = dict(settings=wanted, part_size=part_size,
+                    videos=hashlib.sha256(json.dumps(videos).encode()).hexdigest())
     parts_dir = target.with_name(target.name + ".parts")
     fix = "use --overwrite to replace it or choose another --out"
     if target.exists():
         have = read_settings(target)
-        if have == wanted and not overwrite:
-            return dict(path=str(target), status="up to date", videos=len(entries))
+        stale = _video_difference(target, videos) if have == wanted else None
+        if have == wanted and not stale:
+            return dict(path=str(target), status="up to date", videos=len(videos))
         if not overwrite:
             check_settings(have, wanted, target, fix)
+            raise CacheMismatch(f"{target} was made with the same settings from other videos ({stale}); {fix}")
         target.unlink()
     if parts_dir.exists():
-        have = json.loads((parts_dir / "settings.json").read_text()) if (parts_dir / "settings.json").exists() else None
-        if overwrite or have is None:
+        have = json.loads((parts_dir / "settings.json").read_text()) if (parts_dir / "settings.json").exists() else {}
+        if have != identity:
+            if not overwrite:
+                check_settings(have.get("settings"), wanted, parts_dir, fix)
+                raise CacheMismatch(f"{parts_dir} holds the parts of an extraction of other videos or another "
+                                    f"--part-size (it was cut into parts of {have.get('part_size')}); {fix}")
             shutil.rmtree(parts_dir)
-        else:
-            check_settings(have, wanted, parts_dir, fix)
     parts_dir.mkdir(exist_ok=True)
-    atomic_write_text(parts_dir / "settings.json", json.dumps(wanted, sort_keys=True))
+    atomic_write_text(parts_dir / "settings.json", json.dumps(identity, sort_keys=True))
 
-    indexed = list(zip(entries, range(len(entries))))
-    groups = [indexed[k:k + part_size] for k in range(0, len(indexed), part_size)]
-    mine = [k for k in range(len(groups)) if k % n == i]
     todo = [k for k in mine if not (parts_dir / f"part-{k:06d}.h5").exists()]
     provenance = dict(backbone.provenance(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       torch=torch.__version__, h5py=h5py.__version__, numpy=np.__version__,
@@ -205,3 +214,18 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 clips=int(rows), computed_clips=clips_done, seconds=seconds,
                 clips_per_s=clips_done / seconds if seconds > 0 else 0.0,
                 bytes=target.stat().st_size, failures=failures)
+
+
+def _video_difference(path, videos: list) -> str:
+    """'' when the cache at `path` holds exactly `videos` ([id, part, label] in order), else what differs."""
+    with FeatureStore(path) as st:
+        v = st.videos
+        have = [[a, b, int(c)] for a, b, c in zip(v["id"], v["part"], v["label"])]
+    if have == videos:
+        return ""
+    old, new = {x[0] for x in have}, {x[0] for x in videos}
+    gone, added = sorted(old - new), sorted(new - old)
+    if not gone and not added:
+        return "the same video ids, in another order, part or label"
+    return (f"{len(gone)} of its videos are not in this dataset/split (e.g. {gone[:2]}), "
+            f"{len(added)} of this dataset's are not in it (e.g. {added[:2]})")

@@ -126,6 +126,7 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
     config.seed + 1, ...: `out_dir/seed-N/`), each keeping the checkpoint with the best validation
     accuracy (never test), all on the same fixed validation episodes. A seed resumes from its
     last.pt when that exists and matches the config."""
+    FeatureStore(cache).close()          # a missing or unreadable cache fails before anything is created
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with exclusive(out_dir, "run folder"):

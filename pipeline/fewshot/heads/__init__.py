@@ -155,7 +155,7 @@ def parse_options(cls, given: dict):
         try:
             value = _coerce(raw, typ)
         except (TypeError, ValueError):
-            raise ConfigError(f"head {name}: option {key}={raw!r} is not a {type_name(typ)}; its options: "
+            raise ConfigError(f"head {name}: option {key}={raw!r} is not a valid {type_name(typ)}; its options: "
                               f"{describe_options(cls)}") from None
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"head {name}: option {key}={raw!r} is not one of {', '.join(map(str, meta['choices']))}")
