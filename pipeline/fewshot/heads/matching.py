@@ -1,0 +1,29 @@
+"""Temporal matchers of the field on per-clip sequences: what they share.
+
+Each compares the T steps of a query with the T steps of each support video through the cosine
+similarities of their steps, S (..., M, N, K, Tq, Ts), and reduces S in its own way; the K shots of a
+class are averaged. They read the cache's pooled clip vectors in temporal order, (T, 768) per video.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import Head
+
+
+class StepMatcher(Head):
+    """Unit step vectors per video (once, in `encode`); scores = `match(S)` averaged over K."""
+
+    batched = True
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1)                                          # (B, T, D), unit steps
+
+    def scores(self, support: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        sims = torch.einsum("...mtd,...nksd->...mnkts", queries, support)     # (..., M, N, K, Tq, Ts)
+        return self.match(sims).mean(-1)                                       # (..., M, N)
+
+    def match(self, sims: torch.Tensor) -> torch.Tensor:
+        """(..., Tq, Ts) step similarities -> (...) similarity of the two sequences."""
+        raise NotImplementedError

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import option, register
+from .matching import StepMatcher
+
+
+@register("otam")
+class OrderedTemporalAlignment(StepMatcher):
+    """Ordered temporal alignment (OTAM, Cao et al., CVPR 2020): the cost of the cheapest monotone
+    alignment of the query's steps to the support's, with step distances 1 - cosine, a smoothed
+    minimum and a free start and end; the score is minus that cost (use --loss ce: it is not a cosine)."""
+
+    @dataclass
+    class Options:
+        smoothing: float = option(0.1, "lambda of the smoothed minimum (-> 0: the hard minimum)")
+        bidirectional: bool = option(False, "add the support-to-query alignment, as later codebases do")
+
+    def match(self, sims: torch.Tensor) -> torch.Tensor:
+        dist = alignment_cost(1 - sims, self.options.smoothing)
+        if self.options.bidirectional:
+            dist = dist + alignment_cost(1 - sims.transpose(-1, -2), self.options.smoothing)
+        return -dist
+
+
+def alignment_cost(d: torch.Tensor, lam: float) -> torch.Tensor:
+    """(..., L, M) step distances -> (...) OTAM cost. A zero column pads each side of the support axis,
+    so an alignment may start and end anywhere; a step goes right or diagonally, and down too in the
+    padding columns. softmin(x) = -lam * logsumexp(-x / lam)."""
+    d = F.pad(d, (1, 1))                                                     # (..., L, M + 2)
+    rows, cols = d.shape[-2:]
+
+    def softmin(*xs):
+        return -lam * torch.logsumexp(torch.stack(xs, -1) / -lam, -1)
+
+    prev = torch.cumsum(d[..., 0, :], -1)                                    # first row: rightwards only
+    for i in range(1, rows):
+        row = [d[..., i, 0] + prev[..., 0]]                                   # left padding: from above
+        for j in range(1, cols - 1):
+            row.append(d[..., i, j] + softmin(prev[..., j - 1], row[j - 1]))
+        row.append(d[..., i, -1] + softmin(prev[..., -2], prev[..., -1], row[-1]))   # right padding
+        prev = torch.stack(row, -1)
+    return prev[..., -1]
