@@ -530,7 +530,7 @@ def head_figures(r: Report, p, dev):
                 r.line(name, eps_s, "episodes/s", f"{what}; mean accuracy {accs[d.type].mean():.4f}")
         name = f"eval {hname} on cpu (library episode_accuracies)"
         with r.figure(name):
-            feats = SplitFeatures(np.arange(len(xte)).astype(str), yte.astype(str), xte[:, None], 1)
+            feats = SplitFeatures.from_sequences(np.arange(len(xte)).astype(str), yte.astype(str), xte[:, None])
             t = time.perf_counter()
             lib = episode_accuracies(copy.deepcopy(head).eval(), feats, eps, 1)
             r.line(name, len(eps) / (time.perf_counter() - t), "episodes/s")

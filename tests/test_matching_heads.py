@@ -57,3 +57,50 @@ def test_on_order_pairs_otam_separates_what_bimhm_cannot(tmp_path):
     res, _ = evaluate([tmp_path / "otam", tmp_path / "bimhm"], cache, n_way=2, q_query=5, episodes=50, runs=2)
     otam, bimhm = res
     assert otam["accuracy"] > 0.95 and abs(bimhm["accuracy"] - 0.5) < 0.15
+
+
+def test_segment_picks_by_hand():
+    import numpy as np
+    from pipeline.fewshot.features import segment_picks
+    # 7 clips in 3 segments [0, 2), [2, 4), [4, 7): middles 0, 2, 5; 2 clips repeat in order; 3 clips are 0, 1, 2
+    assert segment_picks(np.array([7, 2, 3]), 3).tolist() == [[0, 2, 5], [0, 0, 1], [0, 1, 2]]
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    assert segment_picks(np.array([3, 3]), 3, rng).tolist() == [[0, 1, 2]] * 2
+    assert rng.bit_generator.state == state                  # one clip per segment: nothing drawn
+    draws = np.stack([segment_picks(np.array([12]), 3, rng)[0] for _ in range(200)])
+    assert draws.min(0).tolist() == [0, 4, 8] and draws.max(0).tolist() == [3, 7, 11]
+
+
+def test_dense_cache_of_varying_lengths_trains_and_evaluates(tmp_path):
+    import numpy as np
+    from cachegen import write_cache
+    from pipeline.fewshot.features import FeatureError, load
+    from pipeline.store import FeatureStore
+    rng = np.random.default_rng(0)
+    data, parts = {}, {}
+    for p in range(4):          # reversed pairs; each video 5-12 clips in three phases
+        base = rng.normal(size=(3, 768))
+        for r, seq in enumerate((base, base[::-1])):
+            name = f"pair{p}_{r}"
+            videos = []
+            for _ in range(12):
+                n = int(rng.integers(5, 13))
+                phase = np.minimum(np.arange(n) * 3 // n, 2)
+                videos.append((seq[phase] + 0.3 * rng.normal(size=(n, 768))).astype(np.float32))
+            data[name], parts[name] = videos, ("test" if p == 3 else "val" if p == 2 else "train")
+    cache = write_cache(tmp_path / "dense.h5", data, parts)
+    with FeatureStore(cache) as st:
+        feats = load(st, "test", "pooled")
+    assert feats.count.min() < feats.count.max() and feats.inputs([0, 1], clips=3).shape == (2, 3, 768)
+    with pytest.raises(FeatureError, match="--head-opt clips=T"):
+        feats.inputs([0, 1])
+    fast = dict(n_way=2, k_shot=1, q_query=2, val_every=100, val_episodes=20, val_query=5, lr=3e-3)
+    train(cache, tmp_path / "lstm", TrainConfig(head="lstm", head_options={"hidden": 32}, episodes=200, **fast),
+          progress=False)
+    train(cache, tmp_path / "otam", TrainConfig(head="otam", **fast), progress=False)
+    train(cache, tmp_path / "mean", TrainConfig(head="mean", **fast), progress=False)
+    res, _ = evaluate([tmp_path / "lstm", tmp_path / "otam", tmp_path / "mean"], cache, n_way=2, q_query=5,
+                      episodes=50, runs=2)
+    lstm, otam, mean = res
+    assert lstm["accuracy"] > 0.8 and otam["accuracy"] > 0.9 and abs(mean["accuracy"] - 0.5) < 0.15   # chance 0.5

@@ -30,7 +30,8 @@ def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: in
     """(E,) accuracy of every episode (E, N, K+Q): each video is encoded once, then every episode
     is scored from the encodings, `chunk` episodes per call for heads whose scores take a batch."""
     e, n, kq = episodes.shape
-    z = encode_all(head, torch.from_numpy(np.asarray(feats.x[:, 0], np.float32)))
+    z = encode_all(head, torch.from_numpy(np.asarray(feats.inputs(np.arange(len(feats.ids)), clips=head.clips),
+                                                      np.float32)))
     zq = head.as_query(z)
     target = torch.arange(n).repeat_interleave(kq - k_shot)
     step = chunk if head.batched else 1

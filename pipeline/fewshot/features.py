@@ -1,8 +1,13 @@
-"""Loading the cached features of one split part into memory for the heads.
+"""Loading the cached features of one split part into memory for the heads, and the clip sequences
+the heads read.
 
-Memory: pooled heads hold (videos, views, T, 768) float32 = 9 KB per video-view at T=3
-(UCF101 train, 1 view: 84 MB). Map heads hold the clip-mean map (views, 768, 8, 4, 4) float16 =
-192 KB per video-view (UCF101 train, 1 view: 1.8 GB), read once from HDF5 in contiguous row blocks.
+Pooled heads get their part's clip vectors, (rows, 768) float32, 3 KB per clip (UCF101 train at
+T=3, 1 view: 27,462 clips, 84 MB; dense, stride 16, about 5x that), and read sequences of T clips
+from them: one clip from each of T equal segments of a video's clips, drawn at random in training
+(temporal augmentation from one cache) and the middle one in evaluation; a video with fewer clips
+than T repeats clips in order. A cache with exactly T clips per video gives exactly its clips.
+Map heads hold the clip-mean map (views, 768, 8, 4, 4) float16 = 192 KB per video-view (UCF101
+train, 1 view: 1.8 GB), read once from HDF5 in contiguous row blocks.
 """
 from __future__ import annotations
 
@@ -22,11 +27,47 @@ class FeatureError(PipelineError):
 class SplitFeatures:
     ids: np.ndarray            # (n,) "Class/stem"
     classes: np.ndarray        # (n,) class names
-    x: np.ndarray              # pooled (n, V, T, 768) float32 | maps (n, V, 768, t, h, w) float16
+    x: np.ndarray              # pooled (rows, 768) float32 clip vectors | maps (n, V, 768, t, h, w) float16
     views: int
+    first: np.ndarray | None = None   # pooled: (n, V) row in x of each video-view's first clip
+    count: np.ndarray | None = None   # pooled: (n,) clips per video
+
+    @classmethod
+    def from_sequences(cls, ids, classes, seqs: np.ndarray) -> "SplitFeatures":
+        """Pooled features from equal-length sequences (n, V, T, 768)."""
+        n, v, t = seqs.shape[:3]
+        return cls(ids, classes, seqs.reshape(-1, seqs.shape[-1]), v, np.arange(n * v).reshape(n, v) * t,
+                   np.full(n, t))
 
     def by_class(self) -> dict[str, np.ndarray]:
         return {c: np.flatnonzero(self.classes == c) for c in np.unique(self.classes)}
+
+    def inputs(self, videos, views=None, clips: int | None = None, rng: np.random.Generator | None = None):
+        """What a head reads of `videos` (B,) in `views` (B,; default view 0): maps (B, 768, t, h, w), or
+        clip sequences (B, T, 768) with T = `clips` (None: the cache's own T, which must then be the same
+        for every video), random within segments when `rng` is given."""
+        videos = np.asarray(videos)
+        views = np.zeros(len(videos), int) if views is None else views
+        if self.first is None:
+            return self.x[videos, views]
+        count = self.count[videos]
+        if clips is None:
+            if (count != count[0]).any():
+                raise FeatureError(f"videos have {count.min()} to {count.max()} clips (a dense cache): give the "
+                                   "head a sequence length, --head-opt clips=T")
+            clips = int(count[0])
+        return self.x[self.first[videos, views][:, None] + segment_picks(count, clips, rng)]   # (B, T, 768)
+
+
+def segment_picks(count: np.ndarray, clips: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(B,) clip counts -> (B, T) clip positions: one from each of T equal segments [lo, hi), the middle
+    one, or a random one with `rng` (no draw at all when every segment holds one clip)."""
+    t = np.arange(clips)[None]
+    lo = t * count[:, None] // clips
+    hi = np.maximum((t + 1) * count[:, None] // clips, lo + 1)
+    if rng is None or (hi - lo == 1).all():
+        return (lo + hi - 1) // 2
+    return lo + (rng.random(lo.shape) * (hi - lo)).astype(np.int64)
 
 
 def load(store: FeatureStore, part: str, consumes: str, views: int | None = None, block: int = 256) -> SplitFeatures:
@@ -35,29 +76,25 @@ def load(store: FeatureStore, part: str, consumes: str, views: int | None = None
     sel = np.flatnonzero((v["part"] == part) & (v["status"] == "ok"))
     if len(sel) == 0:
         raise FeatureError(f"{store.path}: no extracted videos in part {part!r}")
-    clips, nviews = np.unique(v["n_clips"][sel]), int(v["n_views"][sel].min())
-    if len(clips) != 1:
-        raise FeatureError(f"{store.path}: videos of {part} have different clip counts {clips.tolist()[:5]}; "
-                           "the heads need a fixed T (extract with --sampling segments)")
-    t = int(clips[0])
-    nv = nviews if views is None else min(views, nviews)
-    first = v["first_row"][sel]
+    nv = int(v["n_views"][sel].min()) if views is None else min(views, int(v["n_views"][sel].min()))
+    count = v["n_clips"][sel].astype(np.int64)
     if consumes == "pooled":
-        pooled = store.f["pooled"][:]
-        rows = first[:, None, None] + (np.arange(nv)[:, None] * t + np.arange(t)[None, :])[None]
-        x = pooled[rows]                               # (n, V, T, 768)
-    elif consumes == "maps":
-        feats = store.f["features"]
-        x = np.empty((len(sel), nv, *feats.shape[1:]), np.float16)
-        for start in range(0, len(sel), block):
-            chunk = sel[start:start + block]
-            lo = int(v["first_row"][chunk[0]])
-            hi = int(v["first_row"][chunk[-1]] + v["n_clips"][chunk[-1]] * v["n_views"][chunk[-1]])
-            data = feats[lo:hi]                        # contiguous read of this block's rows
-            for j, vid in enumerate(chunk):
-                r = int(v["first_row"][vid]) - lo
-                for view in range(nv):
-                    x[start + j, view] = data[r + view * t:r + (view + 1) * t].astype(np.float32).mean(0)
-    else:
-        raise ValueError(f"consumes must be 'pooled' or 'maps', got {consumes!r}")
+        starts = (v["first_row"][sel][:, None] + np.arange(nv)[None, :] * count[:, None]).ravel()   # cache rows
+        lengths = np.repeat(count, nv)
+        x = store.f["pooled"][:][np.concatenate([np.arange(s, s + c) for s, c in zip(starts, lengths)])]
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).reshape(len(sel), nv)
+        return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv, first, count)
+    if consumes != "maps":
+        raise FeatureError(f"consumes must be 'pooled' or 'maps', got {consumes!r}")
+    feats = store.f["features"]
+    x = np.empty((len(sel), nv, *feats.shape[1:]), np.float16)
+    for start in range(0, len(sel), block):
+        chunk = sel[start:start + block]
+        lo = int(v["first_row"][chunk[0]])
+        hi = int(v["first_row"][chunk[-1]] + v["n_clips"][chunk[-1]] * v["n_views"][chunk[-1]])
+        data = feats[lo:hi]                            # contiguous read of this block's rows
+        for j, vid in enumerate(chunk):
+            r, c = int(v["first_row"][vid]) - lo, int(v["n_clips"][vid])
+            for view in range(nv):
+                x[start + j, view] = data[r + view * c:r + (view + 1) * c].astype(np.float32).mean(0)
     return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv)

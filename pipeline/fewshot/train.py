@@ -102,12 +102,13 @@ class TrainConfig:
                 episodes if self.episodes is None else self.episodes)
 
 
-def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int, views: np.ndarray | None = None):
-    """Scores (N*Q, N) of the queries of one episode (N, K+Q) against its N classes, and targets."""
+def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int, views: np.ndarray | None = None,
+                   rng: np.random.Generator | None = None):
+    """Scores (N*Q, N) of the queries of one episode (N, K+Q) against its N classes, and targets; with
+    `rng`, each video's clips are drawn at random within their segments."""
     n, kq = episode.shape
-    idx = episode.reshape(-1)
-    vsel = np.zeros(len(idx), int) if views is None else views
-    z = head.encode(torch.from_numpy(feats.x[idx, vsel]).float()).unflatten(0, (n, kq))   # (N, K+Q, ...)
+    x = feats.inputs(episode.reshape(-1), views, head.clips, rng)
+    z = head.encode(torch.from_numpy(x).float()).unflatten(0, (n, kq))        # (N, K+Q, ...)
     target = torch.arange(n).repeat_interleave(kq - k_shot)
     return head.scores(z[:, :k_shot], head.as_query(z[:, k_shot:].flatten(0, 1))), target
 
@@ -193,7 +194,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
     for ep in bar:
         episode = sampler.sample(rng)
         views = rng.integers(tr.views, size=episode.size) if tr.views > 1 else None
-        sims, target = episode_scores(head, tr, episode, config.k_shot, views)
+        sims, target = episode_scores(head, tr, episode, config.k_shot, views, rng)
         loss = episode_loss(config.loss, sims, target, config.gamma, config.margin, config.scale)
         if not torch.isfinite(loss):
             raise TrainingError(f"episode {ep + 1}: loss is {loss.item()} (not finite); stopped without saving "

@@ -21,6 +21,7 @@ from ..extraction.mfnet import sha256
 from ..extraction.settings import ExtractSettings
 from ..extraction.video import VIDEO_EXTENSIONS, VideoError, read_clips
 from ..fewshot import checkpoint
+from ..fewshot.features import segment_picks
 from ..files import atomic_path
 from ..store import pool_maps, settings_hash
 
@@ -35,9 +36,13 @@ class Embedded:
     maps: np.ndarray      # (768, t, h, w) float16, the clip mean (map heads)
     cached: bool
 
-    def features(self, consumes: str) -> torch.Tensor:
-        """What a head that `consumes` pooled vectors or maps reads of this video, as the cache gives it."""
-        return torch.from_numpy(self.pooled if consumes == "pooled" else self.maps).float()
+    def features(self, head) -> torch.Tensor:
+        """What `head` reads of this video, as evaluation reads it from a cache: the clip-mean map, or
+        the middle clip of each of the head's T segments."""
+        if head.consumes != "pooled":
+            return torch.from_numpy(self.maps).float()
+        clips = head.clips or len(self.pooled)
+        return torch.from_numpy(self.pooled[segment_picks(np.array([len(self.pooled)]), clips)[0]])
 
 
 class Embedder:
@@ -105,7 +110,7 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
         classes.append(c)
         support.append(vids)
     reused_support = sum(v.cached for vs in support for v in vs)
-    encoded = [head.encode(torch.stack([v.features(head.consumes) for v in vs])) for vs in support]  # (K_c, ...)
+    encoded = [head.encode(torch.stack([v.features(head) for v in vs])) for vs in support]  # (K_c, ...)
     same_k = len({len(z) for z in encoded}) == 1
 
     def class_scores(zq):
@@ -122,7 +127,7 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
         except VideoError as err:
             results.append(dict(query=str(q), error=err.reason))
             continue
-        sims = class_scores(head.as_query(head.encode(e.features(head.consumes)[None])))
+        sims = class_scores(head.as_query(head.encode(e.features(head)[None])))
         order = torch.argsort(sims, descending=True)
         results.append(dict(query=str(q), predicted=classes[order[0]],
                             margin=float(sims[order[0]] - sims[order[1]]),

@@ -77,7 +77,8 @@ def test_encodings(runs, runs_dir, cache):
             head = checkpoint.load(run_checkpoints(folder)[0]).build_head()     # the first seed's
             if head.consumes not in feats:
                 feats[head.consumes] = load(st, "test", head.consumes, views=1)
-            x = torch.from_numpy(np.asarray(feats[head.consumes].x[:, 0], np.float32))
+            f = feats[head.consumes]
+            x = torch.from_numpy(np.asarray(f.inputs(np.arange(len(f.ids)), clips=head.clips), np.float32))
             encoded.append((r, head, encode_all(head, x)))
     return feats, encoded
 

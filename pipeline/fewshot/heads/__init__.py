@@ -6,6 +6,8 @@ episode's queries against its classes:
 
     consumes                  what it reads per video from the cache: "pooled" (T, 768) clip
                               vectors, or "maps" the clip-mean map (768, 8, 4, 4)
+    clips                     the sequence length T a pooled head reads: its option `clips`, or
+                              None (no such option) for the cache's own T
     encode(x)                 per-video work, (B, ...) -> (B, ...); evaluation and predict run it once
                               per video, training once per episode video
     as_query(z)               optional further per-video work on a query's encoding (default: none);
@@ -62,6 +64,10 @@ class Head(nn.Module):
     def __init__(self, options=None):
         super().__init__()
         self.options = options if options is not None else self.Options()
+
+    @property
+    def clips(self) -> int | None:
+        return getattr(self.options, "clips", None)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -22,6 +22,7 @@ class LSTMHead(EmbeddingHead):
     @dataclass
     class Options:
         hidden: int = option(512, "hidden units of the LSTM (the video vector's size)")
+        clips: int = option(3, "sequence length T: clips per video, one from each of T segments")
         order_blind: bool = option(False, "feed the mean clip vector at every step: a trained control that "
                                           "cannot see order")
 

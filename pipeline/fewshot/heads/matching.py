@@ -6,16 +6,23 @@ class are averaged. They read the cache's pooled clip vectors in temporal order,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from . import Head
+from . import Head, option
 
 
 class StepMatcher(Head):
     """Unit step vectors per video (once, in `encode`); scores = `match(S)` averaged over K."""
 
     batched = True
+
+    @dataclass
+    class Options:
+        clips: int = option(8, "sequence length T: clips per video, one from each of T segments (a cache "
+                               "with fewer repeats them in order)")
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1)                                          # (B, T, D), unit steps

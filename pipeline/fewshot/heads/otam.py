@@ -17,6 +17,7 @@ class OrderedTemporalAlignment(StepMatcher):
 
     @dataclass
     class Options:
+        clips: int = option(8, "sequence length T: clips per video, one from each of T segments")
         smoothing: float = option(0.1, "lambda of the smoothed minimum (-> 0: the hard minimum)")
         bidirectional: bool = option(False, "add the support-to-query alignment, as later codebases do")
 
