@@ -104,3 +104,47 @@ def test_dense_cache_of_varying_lengths_trains_and_evaluates(tmp_path):
                       episodes=50, runs=2)
     lstm, otam, mean = res
     assert lstm["accuracy"] > 0.8 and otam["accuracy"] > 0.9 and abs(mean["accuracy"] - 0.5) < 0.15   # chance 0.5
+
+
+def test_chamfer_tuples_pool_the_shots_and_learn():
+    h = heads.build("chamfer", {"dim": 16, "tuple_length": 2})
+    x = torch.randn(2, 5, 768)
+    z = h.encode(x)
+    assert z.shape == (2, 4, 16) and torch.allclose(z.norm(dim=-1), torch.ones(2, 4), atol=1e-5)
+    # tuple u is clips u, u+1 concatenated: the first tuple depends on clips 0 and 1 only
+    y = x.clone()
+    y[:, 2:] += 1
+    assert torch.allclose(h.encode(y)[:, 0], z[:, 0], atol=1e-6)
+    sup, qry = torch.randn(3, 2, 5, 768), torch.randn(4, 5, 768)          # 3-way 2-shot, 4 queries
+    s = h(sup, qry)
+    zs, zq = h.encode(sup.flatten(0, 1)).unflatten(0, (3, 2)), h.encode(qry)
+    pooled = zs[1].flatten(0, 1)                                              # class 1's 8 tuples
+    sims = zq[0] @ pooled.T                                                   # (4 query tuples, 8)
+    assert s[0, 1].item() == pytest.approx(0.5 * (sims.amax(1).mean() + sims.amax(0).mean()).item(), abs=1e-5)
+    s.sum().backward()
+    assert h.log_scale.grad is not None and h.proj.weight.grad.abs().sum() > 0
+
+
+def test_trx_tuples_attention_and_prototype_by_hand():
+    h = heads.build("trx", {"clips": 4, "tuple_sizes": "2,3", "dim": 8})
+    assert [len(t) for t in h.tuples] == [6, 4]                               # C(4, 2), C(4, 3)
+    x = torch.randn(3, 4, 768)
+    z = h.encode(x)
+    assert z.shape == (3, 10, 16)
+    y = x.clone()
+    y[:, 3] += 1                                                              # tuple (0, 1) does not hold clip 3
+    assert torch.allclose(h.encode(y)[:, 0], z[:, 0]) and not torch.allclose(h.encode(y)[:, 2], z[:, 2])
+    sup, qry = torch.randn(2, 2, 4, 768), torch.randn(1, 4, 768)              # 2-way 2-shot, 1 query
+    s = h(sup, qry)
+    zs, zq = h.encode(sup.flatten(0, 1)).unflatten(0, (2, 2)), h.encode(qry)
+    total = 0
+    for start, n in ((0, 6), (6, 4)):                                         # class 1, by the formula
+        k, v = zs[1, :, start:start + n, :8].flatten(0, 1), zs[1, :, start:start + n, 8:].flatten(0, 1)
+        qk, qv = zq[0, start:start + n, :8], zq[0, start:start + n, 8:]
+        proto = torch.softmax(qk @ k.T / 8 ** 0.5, -1) @ v
+        total = total - ((qv - proto) ** 2).sum(-1).mean()
+    assert s[0, 1].item() == pytest.approx(total.item() / 2, rel=1e-5)
+    s.sum().backward()
+    assert all(p.grad is not None for p in h.parameters())
+    with pytest.raises(ValueError, match="not a valid comma-separated ints"):
+        heads.build("trx", {"tuple_sizes": "2,x"})

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import combinations
+
+import torch
+from torch import nn
+
+from . import Head, option, register
+
+
+@register("trx")
+class TemporalRelationalCrossTransformer(Head):
+    """Temporal-relational cross-transformer (TRX, Perrett et al., CVPR 2021) on frozen clip vectors:
+    ordered tuples of 2 and 3 clips (with a positional encoding) give keys and values; each query tuple
+    attends over all tuples of a class's K shots to build a query-specific prototype; the score is
+    minus the mean squared distance of the query's values to it, averaged over the tuple sizes."""
+
+    @dataclass
+    class Options:
+        clips: int = option(8, "sequence length T: clips per video, one from each of T segments")
+        tuple_sizes: tuple[int, ...] = option((2, 3), "tuple cardinalities, comma-separated")
+        dim: int = option(1152, "size of the keys and values")
+
+    def __init__(self, options=None, in_dim: int = 768):
+        super().__init__(options)
+        o = self.options
+        self.tuples = [torch.tensor(list(combinations(range(o.clips), s))) for s in o.tuple_sizes]   # (n_s, s)
+        self.keys = nn.ModuleList(nn.Linear(s * in_dim, o.dim) for s in o.tuple_sizes)
+        self.values = nn.ModuleList(nn.Linear(s * in_dim, o.dim) for s in o.tuple_sizes)
+        self.key_norms = nn.ModuleList(nn.LayerNorm(o.dim) for _ in o.tuple_sizes)
+        self.register_buffer("position", 0.1 * sinusoid(o.clips, in_dim))     # TRX scales it by 0.1
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, 768) clips -> (B, tuples, 2 * dim): each tuple's key then value, all sizes in a row."""
+        x = x + self.position
+        out = []
+        for idx, key, value, norm in zip(self.tuples, self.keys, self.values, self.key_norms):
+            t = x[:, idx].flatten(-2)                                           # (B, n_s, s * 768)
+            out.append(torch.cat([norm(key(t)), value(t)], -1))
+        return torch.cat(out, 1)
+
+    def scores(self, support: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """support (N, K, tuples, 2d), queries (M, tuples, 2d) -> (M, N)."""
+        d, start, total = self.options.dim, 0, 0
+        for idx in self.tuples:
+            s = support[:, :, start:start + len(idx)].flatten(1, 2)             # (N, K * n_s, 2d): shots pooled
+            q = queries[:, start:start + len(idx)]                              # (M, n_s, 2d)
+            att = torch.softmax(torch.einsum("mud,nvd->mnuv", q[..., :d], s[..., :d]) / math.sqrt(d), -1)
+            prototype = torch.einsum("mnuv,nvd->mnud", att, s[..., d:])         # (M, N, n_s, d)
+            total = total - (q[:, None, :, d:] - prototype).square().sum(-1).mean(-1)
+            start += len(idx)
+        return total / len(self.tuples)
+
+
+def sinusoid(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) sinusoidal positional encoding (Vaswani et al. 2017)."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
+    return pe
