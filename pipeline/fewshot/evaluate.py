@@ -84,11 +84,11 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
             raise ConfigError(f"the checkpoints were trained with K = {sorted(trained)}; pass --k-shot to score them "
                               "on the same episodes")
         k_shot = trained.pop()
-    heads_ = {p: ck.build_head() for p, ck in cks.items()}
+    built = {p: ck.build_head() for p, ck in cks.items()}
     with FeatureStore(cache) as store:
         for p, ck in cks.items():
             check_cache(ck, store, p)
-        feats = {c: load(store, part, c, views=1) for c in {h.consumes for h in heads_.values()}}
+        feats = {c: load(store, part, c, views=1) for c in {h.consumes for h in built.values()}}
         any_feats = next(iter(feats.values()))
         eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
                              episodes * runs, seed)
@@ -99,7 +99,7 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
 
     results, accs = [], []
     for target, ps in zip(targets, paths):
-        acc = np.stack([score(heads_[p]) for p in ps])                       # (seeds, E)
+        acc = np.stack([score(built[p]) for p in ps])                       # (seeds, E)
         per_seed = [_seed_record(p, cks[p], a, score) for p, a in zip(ps, acc)]
         first = cks[ps[0]]
         m = over_seeds(acc)
