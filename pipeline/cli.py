@@ -193,8 +193,9 @@ def train(ctx: typer.Context,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
                           seed, seeds)
     for r in run_train(cache, out, cfg, log=typer.echo):
-        typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% after {r['episodes']} "
-                   f"episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating); checkpoint "
+        trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"
+                   if r["episodes"] else "(no parameters: scored on validation, not trained)")
+        typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% {trained}; checkpoint "
                    f"{r['folder']}/best.pt")
 
 

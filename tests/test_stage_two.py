@@ -43,14 +43,17 @@ def test_fixed_episode_file_is_stable(tmp_path):
     ids = np.array([f"c{i // 20}/v{i}" for i in range(120)])
     by_class = {f"c{k}": np.arange(20 * k, 20 * k + 20) for k in range(6)}
     a = fixed_episodes(tmp_path / "x.h5", ids, by_class, "test", 5, 1, 15, 30, 0)
-    path = episode_file(tmp_path / "x.h5", "test", 5, 1, 15, 30, 0)
+    path = episode_file(tmp_path / "x.h5", ids, "test", 5, 1, 15, 30, 0)
     assert path.exists() and a.shape == (30, 5, 16)
     # read back through a different id order: same videos, whatever their position
     perm = np.random.default_rng(1).permutation(120)
     b = fixed_episodes(tmp_path / "x.h5", ids[perm], {}, "test", 5, 1, 15, 30, 0)
     assert np.array_equal(ids[perm][b], ids[a])
-    with pytest.raises(EpisodeError, match="another cache"):
-        fixed_episodes(tmp_path / "x.h5", ids[:50], {}, "test", 5, 1, 15, 30, 0)
+    # a part that holds other videos (a cache replaced under the same name) draws its own episodes
+    other = np.array([f"c{i // 20}/w{i}" for i in range(120)])
+    c = fixed_episodes(tmp_path / "x.h5", other, by_class, "test", 5, 1, 15, 30, 0)
+    assert episode_file(tmp_path / "x.h5", other, "test", 5, 1, 15, 30, 0) != path
+    assert set(other[c].ravel()) <= set(other) and len(list(path.parent.glob("test-*.npz"))) == 2
 
 
 def test_head_shapes_and_rvn_split_equals_concatenation():
@@ -189,5 +192,5 @@ def test_seeds_of_one_run_equal_separate_runs_and_share_validation_episodes(cach
     res, accs = evaluate([tmp_path / "two"], cache, n_way=2, q_query=5, episodes=20, runs=2)
     assert accs[0].shape == (2, 40) and [s["seed"] for s in res[0]["per_seed"]] == [3, 4]
     assert res[0]["accuracy"] == pytest.approx(accs[0].mean()) and "last_test" in res[0]["per_seed"][0]
-    val_files = list((cache.parent / "order.episodes").glob("val-*seed4.npz"))
+    val_files = list((cache.parent / "order.episodes").glob("val-*seed4-*.npz"))
     assert val_files, "both seeds validate on the episodes of seed 3 + 1"

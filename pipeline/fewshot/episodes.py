@@ -1,6 +1,7 @@
 """N-way K-shot episodes: drawn fresh for training, a fixed file of video ids for val and test."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,9 +38,12 @@ class EpisodeSampler:
                          for c in picked])
 
 
-def episode_file(cache: Path, part: str, n_way: int, k_shot: int, q_query: int, count: int, seed: int) -> Path:
+def episode_file(cache: Path, ids, part: str, n_way: int, k_shot: int, q_query: int, count: int, seed: int) -> Path:
+    """Where the fixed episodes of (part, N, K, Q, count, seed) drawn from the videos `ids` live: the name
+    holds a digest of the videos, so a cache whose part holds other videos never reuses them."""
     cache = Path(cache)
-    return cache.with_name(cache.stem + ".episodes") / f"{part}-{n_way}w{k_shot}s{q_query}q-{count}-seed{seed}.npz"
+    digest = hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()[:12]
+    return cache.with_name(cache.stem + ".episodes") / f"{part}-{n_way}w{k_shot}s{q_query}q-{count}-seed{seed}-{digest}.npz"
 
 
 def fixed_episodes(cache: Path, ids: np.ndarray, videos_by_class: dict, part: str, n_way: int, k_shot: int,
@@ -49,7 +53,7 @@ def fixed_episodes(cache: Path, ids: np.ndarray, videos_by_class: dict, part: st
     Generated once and saved beside the cache as video ids; every later call (any head, any run)
     reads the same file, so all methods are scored on the very same episodes.
     """
-    path = episode_file(cache, part, n_way, k_shot, q_query, count, seed)
+    path = episode_file(cache, ids, part, n_way, k_shot, q_query, count, seed)
     pos = {v: i for i, v in enumerate(ids)}
     if path.exists():
         with np.load(path, allow_pickle=False) as z:

@@ -170,6 +170,8 @@ def table(results: list[dict]) -> str:
             cmp = f"not compared with {vs['best']}: {vs['why']}"
         else:
             cmp = f"{100 * vs['diff']:+.2f} ± {100 * vs['ci95']:.2f}, {format_p(vs['p_value'])}"
+            if vs["seeds"] < max(r["seeds"], len(next(o for o in results if o["run"] == vs["best"])["per_seed"])):
+                cmp += f" (over the {vs['seeds']} seed(s) both have)"
         seeds = r["per_seed"]
         sel = f"{_mean_pct(seeds, 'val')} / {_mean_pct(seeds, 'test')}"
         last = f"{_mean_pct(seeds, 'last_val')} / {_mean_pct(seeds, 'last_test')}"

@@ -13,7 +13,7 @@ from .matching import StepMatcher
 class OrderedTemporalAlignment(StepMatcher):
     """Ordered temporal alignment (OTAM, Cao et al., CVPR 2020): the cost of the cheapest monotone
     alignment of the query's steps to the support's, with step distances 1 - cosine, a smoothed
-    minimum and a free start and end; the score is minus that cost (use --loss ce: it is not a cosine)."""
+    minimum and a free start and end; the score is minus that cost."""
 
     @dataclass
     class Options:
