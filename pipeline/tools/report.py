@@ -61,7 +61,7 @@ def csv_rows(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def test_encodings(runs, runs_dir, cache):
+def encode_test_videos(runs, runs_dir, cache):
     """Per run with a checkpoint: its head and every test video's encoding, computed once and shared
     by the similarity figure and the t-SNE; and the test features each kind of input."""
     from ..fewshot import checkpoint
@@ -100,7 +100,9 @@ def similarity_figure(path, feats, encoded, cache, plt):
     panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)
     for ax, (title, sim) in zip(axes[:, 0], panels):
-        im = ax.imshow(sim, aspect="auto", cmap="viridis", vmin=-1 if sim.min() < 0 else 0, vmax=1)
+        cosine = -1 <= sim.min() and sim.max() <= 1        # distances (otam, trx) get their own range
+        im = ax.imshow(sim, aspect="auto", cmap="viridis", vmin=(-1 if sim.min() < 0 else 0) if cosine else None,
+                       vmax=1 if cosine else None)
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("support class")
         fig.colorbar(im, ax=ax, fraction=0.02)
@@ -218,7 +220,7 @@ def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
         w.writerows(rows)
     figures = []
     if cache and Path(cache).exists():
-        feats, encoded = test_encodings(runs, runs_dir, cache)
+        feats, encoded = encode_test_videos(runs, runs_dir, cache)
         if encoded:
             figures += [similarity_figure(out / "similarity.png", feats, encoded, cache, plt),
                         tsne_figure(out / "tsne.png", feats, encoded, plt)]
