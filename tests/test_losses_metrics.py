@@ -107,3 +107,25 @@ def test_seed_aware_interval_and_paired_test_by_hand():
     assert p["diff"] == pytest.approx(0.1) and p["p_value"] == pytest.approx(0.17889, rel=1e-3)
     assert p["ci95"] == pytest.approx(12.7062 * 0.0288675, rel=1e-4) and p["seeds"] == 2
     assert format_p(3e-9) == "p < 1e-4" and format_p(0.01234) == "p = 0.012" and format_p(0.0) == "p < 1e-4"
+
+
+def test_circle_per_video_is_the_papers_equation_12():
+    g = torch.Generator().manual_seed(0)
+    sims = torch.rand(4, 3, 2, generator=g) * 2 - 1          # 4 queries, 3-way 2-shot: one score per support video
+    target = torch.tensor([0, 2, 1, 1])
+    gamma, m = 2.0, 0.25
+    expected = []
+    for q in range(4):                                         # eq. 12, transcribed: sums over j (negatives), i (positives)
+        pos = [sims[q, target[q], i] for i in range(2)]
+        neg = [sims[q, c, i] for c in range(3) if c != target[q] for i in range(2)]
+        total = 0.0
+        for sn in neg:
+            for sp in pos:
+                a_n, a_p = max(sn + m, 0.0), max(1 + m - sp, 0.0)
+                total += math.exp(gamma * a_n * (sn - m)) * math.exp(-gamma * a_p * (sp - (1 - m)))
+        expected.append(math.log(1 + total))
+    got = episode_loss("circle_per_video", sims, target, gamma, m, 0)
+    assert got.item() == pytest.approx(sum(expected) / 4, rel=1e-5)
+    one_shot = sims[:, :, :1]
+    assert episode_loss("circle_per_video", one_shot, target, gamma, m, 0).item() == pytest.approx(
+        episode_loss("circle", one_shot[:, :, 0], target, gamma, m, 0).item(), rel=1e-6)

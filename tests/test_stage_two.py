@@ -194,3 +194,19 @@ def test_seeds_of_one_run_equal_separate_runs_and_share_validation_episodes(cach
     assert res[0]["accuracy"] == pytest.approx(accs[0].mean()) and "last_test" in res[0]["per_seed"][0]
     val_files = list((cache.parent / "order.episodes").glob("val-*seed4-*.npz"))
     assert val_files, "both seeds validate on the episodes of seed 3 + 1"
+
+
+def test_per_video_circle_loss_trains_k_shot(cache, tmp_path):
+    from pipeline.fewshot.train import episode_scores
+    from pipeline.fewshot.features import load
+    from pipeline.store import FeatureStore
+    head = heads.build("lstm", {"hidden": 8})
+    with FeatureStore(cache) as st:
+        feats = load(st, "train", "pooled")
+    episode = np.stack([feats.by_class()[c][:4] for c in sorted(feats.by_class())[:3]])   # 3-way 2-shot 2 queries
+    per_video, target = episode_scores(head, feats, episode, 2, per_video=True)
+    classes, _ = episode_scores(head, feats, episode, 2)
+    assert per_video.shape == (6, 3, 2) and classes.shape == (6, 3) and target.tolist() == [0, 0, 1, 1, 2, 2]
+    cfg = TrainConfig(head="lstm", head_options={"hidden": 16}, loss="circle_per_video", episodes=60,
+                      **dict(FAST, k_shot=2))
+    assert 0 <= train(cache, tmp_path / "pv", cfg, progress=False)[0]["best_val"] <= 1

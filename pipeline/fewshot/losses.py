@@ -23,16 +23,26 @@ def circle_loss(s_p: torch.Tensor, s_n: torch.Tensor, gamma: float = 128.0, m: f
 
 
 def episode_loss(name: str, sims: torch.Tensor, target: torch.Tensor, gamma: float, m: float, scale: float):
-    """sims: (n_query, N) query-to-class scores; target: (n_query,) class positions."""
+    """sims: (n_query, N) query-to-class scores, or (n_query, N, K) query-to-support-video scores for
+    the losses in PER_VIDEO; target: (n_query,) class positions."""
     if name == "circle":
         n = sims.shape[1]
         others = (target[:, None] + torch.arange(1, n, device=target.device)) % n            # (n_query, N-1) the other classes
         return circle_loss(sims.gather(1, target[:, None]), sims.gather(1, others), gamma, m)
+    if name == "circle_per_video":  # the paper's K-shot form: L = K positives, M = (N-1) K negatives
+        q, n, k = sims.shape
+        others = (target[:, None] + torch.arange(1, n, device=target.device)) % n
+        positives = sims[torch.arange(q), target]                                           # (n_query, K)
+        negatives = sims.gather(1, others[:, :, None].expand(-1, -1, k)).flatten(1)         # (n_query, (N-1) K)
+        return circle_loss(positives, negatives, gamma, m)
     if name == "ce":
         return F.cross_entropy(scale * sims, target)
     if name == "mse":  # relation networks regress the score to the one-hot target
         return F.mse_loss(sims, F.one_hot(target, sims.shape[1]).float())
-    raise ConfigError(f"unknown loss {name!r} (circle, ce, mse)")
+    raise ConfigError(f"unknown loss {name!r} ({', '.join(LOSSES)})")
 
 
-LOSSES = ("circle", "ce", "mse")
+# circle: one positive per query, its class prototype (identical to the paper for 1-shot);
+# circle_per_video: the paper's eq. 12 for K > 1, one similarity per support video
+LOSSES = ("circle", "circle_per_video", "ce", "mse")
+PER_VIDEO = ("circle_per_video",)     # losses that need each support video scored on its own

@@ -17,7 +17,7 @@ from . import checkpoint, heads
 from .checkpoint import Checkpoint
 from .episodes import EpisodeSampler, fixed_episodes
 from .features import SplitFeatures, load
-from .losses import LOSSES, episode_loss
+from .losses import LOSSES, PER_VIDEO, episode_loss
 
 # name -> (optimizer, lr, lr decay every, decay factor, episodes)
 OPTIMIZERS = {
@@ -103,14 +103,18 @@ class TrainConfig:
 
 
 def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int, views: np.ndarray | None = None,
-                   rng: np.random.Generator | None = None):
+                   rng: np.random.Generator | None = None, per_video: bool = False):
     """Scores (N*Q, N) of the queries of one episode (N, K+Q) against its N classes, and targets; with
-    `rng`, each video's clips are drawn at random within their segments."""
+    `rng`, each video's clips are drawn at random within their segments; with `per_video`, scores
+    (N*Q, N, K) against each support video, scored as a one-shot class of its own."""
     n, kq = episode.shape
     x = feats.inputs(episode.reshape(-1), views, head.clips, rng)
     z = head.encode(torch.from_numpy(x).float()).unflatten(0, (n, kq))        # (N, K+Q, ...)
     target = torch.arange(n).repeat_interleave(kq - k_shot)
-    return head.scores(z[:, :k_shot], head.as_query(z[:, k_shot:].flatten(0, 1))), target
+    support, queries = z[:, :k_shot], head.as_query(z[:, k_shot:].flatten(0, 1))
+    if per_video:
+        return head.scores(support.flatten(0, 1)[:, None], queries).unflatten(1, (n, k_shot)), target
+    return head.scores(support, queries), target
 
 
 def validate(head, feats, episodes: np.ndarray, k_shot: int) -> np.ndarray:
@@ -194,7 +198,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
     for ep in bar:
         episode = sampler.sample(rng)
         views = rng.integers(tr.views, size=episode.size) if tr.views > 1 else None
-        sims, target = episode_scores(head, tr, episode, config.k_shot, views, rng)
+        sims, target = episode_scores(head, tr, episode, config.k_shot, views, rng, config.loss in PER_VIDEO)
         loss = episode_loss(config.loss, sims, target, config.gamma, config.margin, config.scale)
         if not torch.isfinite(loss):
             raise TrainingError(f"episode {ep + 1}: loss is {loss.item()} (not finite); stopped without saving "
