@@ -181,9 +181,8 @@ def train(ctx: typer.Context,
     if (params is None) != (run is None):
         raise ConfigError("--params and --run go together")
     if params:
-        given = [n for n in ("head", "head_opt", "head_file", "loss", "gamma", "margin", "scale", "optimizer", "lr",
-                             "episodes", "n_way", "k_shot", "q_query", "val_every", "val_episodes", "val_query", "seed", "seeds")
-                 if ctx.get_parameter_source(n).name == "COMMANDLINE"]
+        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run")
+                 and ctx.get_parameter_source(n).name == "COMMANDLINE"]
         if given:
             raise ConfigError(f"--run {run} takes its settings from {params}; do not also give "
                               + ", ".join("--" + g.replace("_", "-") for g in given))

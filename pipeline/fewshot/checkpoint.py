@@ -96,7 +96,7 @@ def _from_format_1(d: dict) -> dict:
 def describe(path, ck: Checkpoint) -> str:
     cfg = ck.train_config
     n_params = sum(t.numel() for t in ck.state_dict.values())
-    options = ", ".join(f"{k}={v}" for k, v in ck.head_options.items()) or "none"
+    options = heads.format_options(ck.head_options) or "none"
     lines = [f"checkpoint {path} (format {ck.format}): head {ck.head} ({n_params} parameter values), "
              f"options {options}, loss {cfg['loss']}"]
     if ck.head_file:

@@ -12,6 +12,7 @@ from ..errors import ConfigError, MissingFile
 from ..files import atomic_write_text
 from ..store import FeatureStore, check_settings
 from . import checkpoint
+from .heads import format_options
 from .episodes import fixed_episodes
 from .features import load
 from .metrics import format_p, mean_ci, over_seeds, paired, summarize
@@ -152,7 +153,8 @@ def compare_to_best(results: list[dict], accs: list[np.ndarray]) -> None:
         theirs = {s["seed"]: i for i, s in enumerate(best["per_seed"])}
         common = sorted(set(mine) & set(theirs))
         r["vs_best"] = dict(paired(a[[mine[s] for s in common]], best_acc[[theirs[s] for s in common]]),
-                            best=best["run"]) if common else dict(best=best["run"], diff=None, why="no common seed")
+                            best=best["run"], all_seeds=len(common) == max(len(mine), len(theirs))) \
+            if common else dict(best=best["run"], diff=None, why="no common seed")
 
 
 def table(results: list[dict]) -> str:
@@ -170,12 +172,12 @@ def table(results: list[dict]) -> str:
             cmp = f"not compared with {vs['best']}: {vs['why']}"
         else:
             cmp = f"{100 * vs['diff']:+.2f} ± {100 * vs['ci95']:.2f}, {format_p(vs['p_value'])}"
-            if vs["seeds"] < max(r["seeds"], len(next(o for o in results if o["run"] == vs["best"])["per_seed"])):
+            if not vs.get("all_seeds", True):
                 cmp += f" (over the {vs['seeds']} seed(s) both have)"
         seeds = r["per_seed"]
         sel = f"{_mean_pct(seeds, 'val')} / {_mean_pct(seeds, 'test')}"
         last = f"{_mean_pct(seeds, 'last_val')} / {_mean_pct(seeds, 'last_test')}"
-        options = " ".join(f"{k}={v}" for k, v in r.get("head_options", {}).items())
+        options = format_options(r.get("head_options", {}))
         lines.append(f"| {r['run']} | {r['head']} | {r['loss']} | {options} | {r['n_way']}-way {r['k_shot']}-shot | "
                      f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {r['seeds']}: "
                      f"{100 * r['seed_min']:.2f}-{100 * r['seed_max']:.2f} | {sel} | {last} | {cmp} | {r['noise']} |")

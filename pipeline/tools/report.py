@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import MissingFile
 from ..fewshot.evaluate import compare_to_best, run_checkpoints, table
+from ..fewshot.heads import format_options
 
 SWEPT = ("gamma", "margin")
 
@@ -50,7 +51,7 @@ def csv_rows(runs: list[dict]) -> list[dict]:
     for r in runs:
         vs = r["vs_best"] or {}
         rows.append(dict(run=r["run"], head=r["head"], loss=r["loss"],
-                         options=" ".join(f"{k}={v}" for k, v in r.get("head_options", {}).items()),
+                         options=format_options(r.get("head_options", {})),
                          setting=f"{r['n_way']}-way {r['k_shot']}-shot", accuracy=round(100 * r["accuracy"], 2),
                          ci95=round(100 * r["ci95"], 2), seeds=r["seeds"], seed_min=round(100 * r["seed_min"], 2),
                          seed_max=round(100 * r["seed_max"], 2), seed_std=round(100 * r["seed_std"], 2),

@@ -169,6 +169,11 @@ def parse_options(cls, given: dict):
     return cls.Options(**values)
 
 
+def format_options(options: dict) -> str:
+    """{"hidden": 512, "clips": 3} -> "hidden=512 clips=3", as tables and `pipeline info` show them."""
+    return " ".join(f"{k}={show(v)}" for k, v in options.items())
+
+
 def parse_assignments(pairs: list[str]) -> dict[str, str]:
     """["key=value", ...] from the command line -> {key: value}."""
     out = {}
@@ -212,7 +217,7 @@ def type_name(t) -> str:
 
 
 def show(v) -> str:
-    return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
 def file_sha256(path) -> str:
