@@ -49,7 +49,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from pipeline.extraction.backbone import AUTOCAST, Backbone, BatchForward, pick_device  # noqa: E402
+from pipeline.device import pick_device  # noqa: E402
+from pipeline.extraction.backbone import AUTOCAST, Backbone, BatchForward  # noqa: E402
 from pipeline.extraction.datasets import load_split, resolve  # noqa: E402
 from pipeline.extraction.extractor import extract_features  # noqa: E402
 from pipeline.extraction.settings import ExtractSettings  # noqa: E402

@@ -8,6 +8,9 @@ paper's 18,000 episodes with both optimizer presets (validation every 250 timed 
 seeds against 1 (the head preset's 2,000 episodes), eval time
 for 600 x 10 episodes (lstm, mean), rvn eval episodes/s with the split first convolution vs the
 naive per-pair computation (in memory, UCF101 test size), and peak memory (max RSS) after each step.
+Then the matching heads at T = 8 clips on a second UCF101-sized cache of 8 clips per video: training
+episodes/s (5-way 1-shot; heads with parameters) and evaluation of 6,000 test episodes (15 queries),
+with TRX's multiply-adds per episode and the rate reached. `--matchers-only` runs just that part.
 """
 from __future__ import annotations
 
@@ -39,21 +42,69 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--episodes", type=int, default=18000, help="LSTM training episodes per optimizer preset")
     ap.add_argument("--seed-episodes", type=int, default=2000, help="LSTM training episodes of the 1 vs 3 seeds figure")
+    ap.add_argument("--matcher-episodes", type=int, default=300, help="training episodes timed per matcher")
+    ap.add_argument("--matchers-only", action="store_true")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
+    if not a.matchers_only:
+        paper_heads(a, tmp)
+    matchers(a, tmp)
+
+
+def ucf_sized_cache(path, clips: int):
     rng = np.random.default_rng(0)
     data, parts = {}, {}
     for part, (classes, videos) in SPLIT.items():
         per = videos // classes
         for c in range(classes):
             name = f"{part}{c:02d}"
-            centre = rng.normal(size=(1, 3, 768))
-            data[name] = (centre + rng.normal(size=(per, 3, 768))).astype(np.float32)
+            centre = rng.normal(size=(1, clips, 768))
+            data[name] = (centre + rng.normal(size=(per, clips, 768))).astype(np.float32)
             parts[name] = part
     t = time.perf_counter()
-    cache = write_cache(tmp / "ucf_sized.h5", data, parts, map_shape=(768, 1, 1, 1))
+    cache = write_cache(path, data, parts, map_shape=(768, 1, 1, 1))
     n = sum(len(v) for v in data.values())
-    print(f"synthetic cache: {n} videos x 3 clips written in {time.perf_counter() - t:.1f} s; RSS {rss_mb():.0f} MB")
+    print(f"synthetic cache: {n} videos x {clips} clips written in {time.perf_counter() - t:.1f} s; "
+          f"RSS {rss_mb():.0f} MB")
+    return cache
+
+
+def matchers(a, tmp):
+    from pipeline.fewshot.episodes import fixed_episodes
+    from pipeline.fewshot.evaluate import episode_accuracies
+    from pipeline.fewshot.features import load
+    from pipeline.store import FeatureStore
+    cache = ucf_sized_cache(tmp / "ucf_sized_t8.h5", 8)
+    with FeatureStore(cache) as st:
+        test = load(st, "test", "pooled", views=1)
+    eps = fixed_episodes(cache, test.ids, test.by_class(), "test", 5, 1, 15, 6000, 0)
+    for name in ("diag", "max", "bimhm", "otam", "chamfer", "trx"):
+        head = heads.build(name, {"clips": 8})
+        line = f"{name} at T=8:"
+        if list(head.parameters()):
+            r = train(cache, tmp / f"m_{name}", TrainConfig(head=name, head_options={"clips": 8},
+                                                           episodes=a.matcher_episodes, val_every=10 ** 6,
+                                                           val_episodes=20), progress=False)[0]
+            head = heads.build(name, {"clips": 8})
+            line += f" training {a.matcher_episodes / (r['seconds'] - r['val_seconds']):.1f} episodes/s;"
+        else:
+            line += " no parameters (nothing to train);"
+        head.eval()
+        t = time.perf_counter()
+        episode_accuracies(head, test, eps, 1)
+        sec = time.perf_counter() - t
+        line += f" eval of 6000 episodes {sec:.1f} s; peak RSS {rss_mb():.0f} MB"
+        if name == "trx":
+            n_t = sum(len(i) for i in head.tuples)                 # query tuples against 5 x n_s support tuples
+            d = head.options.dim
+            macs = 75 * 5 * sum(len(i) ** 2 for i in head.tuples) * 2 * d + 75 * 5 * n_t * d
+            line += f"; {macs / 1e9:.2f} GMAC per episode, {6000 * macs / sec / 1e9:.0f} GMAC/s"
+        print(line, flush=True)
+
+
+def paper_heads(a, tmp):
+    rng = np.random.default_rng(0)
+    cache = ucf_sized_cache(tmp / "ucf_sized.h5", 3)
     for preset in ("head", "paper"):
         cfg = TrainConfig(head="lstm", optimizer=preset, episodes=a.episodes)
         r = train(cache, tmp / f"lstm_{preset}", cfg, progress=False)[0]

@@ -133,6 +133,14 @@ def merge_cmd(shards: List[Path] = typer.Argument(..., help="Shard files written
     typer.echo(f"{out}: {n} videos from {len(shards)} shard(s)")
 
 
+@app.command()
+def upgrade(cache: Path = typer.Argument(..., help="A feature cache written by an earlier version.")):
+    """Bring a cache to the current format: adds the per-time-step view (/steps) from its maps, read
+    once; resumable (run it again after an interruption), and the cache is replaced only when complete."""
+    from .store import upgrade as run_upgrade
+    typer.echo(run_upgrade(cache))
+
+
 HEAD_FILE_HELP = "A Python file of your own heads (registered with @register); recorded in the checkpoint."
 
 
@@ -144,7 +152,8 @@ def heads(head_file: Optional[Path] = typer.Option(None, help=HEAD_FILE_HELP)):
         registry.load_head_file(head_file)
     for name, cls in sorted(registry.HEADS.items()):
         doc = " ".join((cls.__doc__ or "").split()).split(". ")[0]
-        typer.echo(f"{name:8s} reads {cls.consumes:6s}  {doc}")
+        reads = cls.consumes + ("|steps" if "per_step" in {f[0] for f in registry.option_fields(cls)} else "")
+        typer.echo(f"{name:8s} reads {reads:12s}  {doc}")
         for opt, typ, default, meta in registry.option_fields(cls):
             typer.echo(f"{'':10s}--head-opt {opt}=... ({registry.type_name(typ)}, default {registry.show(default)}): "
                        f"{meta.get('help', '')}")
@@ -172,6 +181,7 @@ def train(ctx: typer.Context,
           val_query: int = typer.Option(15, help="Queries per class in validation episodes."),
           seed: int = typer.Option(0, help="Seed of initialisation and episode sampling (the first seed)."),
           seeds: int = typer.Option(1, help="Training seeds: seed, seed+1, ... each in OUT/seed-N/ (the presets use 3)."),
+          device: str = typer.Option("cpu", help="Where the head trains: cpu | cuda | auto (not part of the run's settings)."),
           params: Optional[Path] = typer.Option(None, help="Take the training settings from this params file (e.g. params.yaml) ..."),
           run: Optional[str] = typer.Option(None, help="... entry runs.RUN of it (then no other training option may be given).")):
     """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
@@ -181,7 +191,7 @@ def train(ctx: typer.Context,
     if (params is None) != (run is None):
         raise ConfigError("--params and --run go together")
     if params:
-        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run")
+        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device")
                  and ctx.get_parameter_source(n).name == "COMMANDLINE"]
         if given:
             raise ConfigError(f"--run {run} takes its settings from {params}; do not also give "
@@ -191,7 +201,7 @@ def train(ctx: typer.Context,
         cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
                           seed, seeds)
-    for r in run_train(cache, out, cfg, log=typer.echo):
+    for r in run_train(cache, out, cfg, log=typer.echo, device=device):
         trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"
                    if r["episodes"] else "(no parameters: scored on validation, not trained)")
         typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% {trained}; checkpoint "
@@ -227,11 +237,13 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
              runs: int = typer.Option(10, help="Runs."),
              seed: int = typer.Option(0, help="Seed of the fixed test episodes."),
              part: str = typer.Option("test", help="test | val."),
+             device: str = typer.Option("cpu", help="Where the heads run: cpu | cuda | auto."),
              accuracies: Optional[Path] = typer.Option(None, help="Also save the (seeds, episodes) accuracies (.npy, one run) for paired comparisons in `pipeline report`.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
     from .errors import ConfigError
     from .fewshot.evaluate import evaluate, table, write_metrics
-    results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part)
+    results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part,
+                            device)
     typer.echo(table(results))
     if accuracies:
         import numpy as np

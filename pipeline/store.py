@@ -4,6 +4,8 @@ Layout (every name readable with plain h5py or `h5ls -r`):
 
   /features              (n_rows, 768, 8, 4, 4) float16|float32, one row per chunk, optional lzf/gzip
   /pooled                (n_rows, 768) float32, spatio-temporal mean of each row's map
+  /steps                 (n_rows, 8, 768) float16, each row's map pooled over space only: one vector
+                         per temporal position (12 KB a clip; format 2, `pipeline upgrade` adds it)
   /clips/video           (n_rows,) int32   index into /videos of the row's video
   /clips/view            (n_rows,) int16   0 = center crop, >= 1 = seeded random crop (+ flip)
   /clips/clip            (n_rows,) int16   position of the clip in its video (temporal order)
@@ -11,7 +13,8 @@ Layout (every name readable with plain h5py or `h5ls -r`):
   /videos/{id, class_name, part, status, reason}   strings, one per video ("Class/stem", ...)
   /videos/{label, order, first_row, n_clips, n_views, n_frames}   integers
   attrs: settings (JSON of everything that determines the features), settings_hash, provenance
-         (JSON: weights sha256, library versions, creation time, ...), format_version
+         (JSON: weights sha256, library versions, creation time, ...), format_version (2; format 1
+         lacks /steps and is read as it is, or upgraded in place by `pipeline upgrade CACHE`)
 
 Rows of one video are contiguous, view-major: row first_row + view * n_clips + clip. A failed video
 has status "failed", a reason, and no rows. `order` is the video's position in the full,
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +32,10 @@ import h5py
 import numpy as np
 
 from .errors import MissingFile, PipelineError
-from .files import atomic_path
+from .files import atomic_path, exclusive
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)   # 1: before /steps
 STR = h5py.string_dtype("utf-8")
 VIDEO_STR = ("id", "class_name", "part", "status", "reason")
 VIDEO_INT = ("label", "order", "first_row", "n_clips", "n_views", "n_frames")
@@ -67,6 +72,11 @@ def pool_maps(maps: np.ndarray) -> np.ndarray:
     return maps.reshape(len(maps), maps.shape[1], -1).mean(-1, dtype=np.float32)
 
 
+def step_maps(maps: np.ndarray) -> np.ndarray:
+    """(n, C, t, h, w) clip maps -> (n, t, C) float16: the per-time-step view, pooled over space only."""
+    return maps.reshape(*maps.shape[:3], -1).mean(-1, dtype=np.float32).transpose(0, 2, 1).astype(np.float16)
+
+
 def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -82,6 +92,7 @@ class VideoResult:
     order: int
     maps: np.ndarray | None = None       # (views * clips, 768, T', H', W')
     pooled: np.ndarray | None = None     # (views * clips, 768)
+    steps: np.ndarray | None = None      # (views * clips, T', 768)
     frame_indices: np.ndarray | None = None  # (clips, F)
     chunks: list | None = None           # instead of maps: already-filtered HDF5 chunks (mask, bytes) to copy
     n_views: int = 0
@@ -102,6 +113,7 @@ class StoreWriter:
                               chunks=(1, *map_shape), **comp)
         self.f.create_dataset("pooled", (0, map_shape[0]), np.float32, maxshape=(None, map_shape[0]),
                               chunks=(256, map_shape[0]))
+        _create_steps(self.f, 0, map_shape)
         for name, dt, shape in (("video", np.int32, ()), ("view", np.int16, ()), ("clip", np.int16, ()),
                                 ("frame_indices", np.int32, (frames,))):
             self.f.create_dataset(f"clips/{name}", (0, *shape), dt, maxshape=(None, *shape), chunks=True)
@@ -146,6 +158,7 @@ class StoreWriter:
             self._queue("features", v.maps.astype(self.f["features"].dtype, copy=False))
         if rows:
             self._queue("pooled", v.pooled.astype(np.float32, copy=False))
+            self._queue("steps", (step_maps(v.maps) if v.steps is None else v.steps).astype(np.float16, copy=False))
             self._queue("clips/video", np.full(rows, self.videos, np.int32))
             self._queue("clips/view", np.repeat(np.arange(v.n_views), clips))
             self._queue("clips/clip", np.tile(np.arange(clips), v.n_views))
@@ -185,10 +198,11 @@ class FeatureStore:
             self.f = h5py.File(self.path, "r")
         except OSError as e:
             raise CacheError(f"feature cache {self.path}: not a readable HDF5 file ({e})") from e
-        if self.f.attrs.get("format_version") != FORMAT_VERSION:
+        self.version = self.f.attrs.get("format_version")
+        if self.version not in READABLE_VERSIONS:
             self.f.close()
-            raise CacheError(f"feature cache {self.path}: format version {self.f.attrs.get('format_version')}, "
-                                f"this code reads {FORMAT_VERSION}")
+            raise CacheError(f"feature cache {self.path}: format version {self.version}, this code reads "
+                             f"{', '.join(map(str, READABLE_VERSIONS))} (a newer version of this tool wrote it?)")
         self.settings = json.loads(self.f.attrs["settings"])
         self.settings_hash = self.f.attrs["settings_hash"]
         self.provenance = json.loads(self.f.attrs["provenance"])
@@ -206,6 +220,14 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+    def steps(self) -> h5py.Dataset:
+        """The per-time-step view (n_rows, t, 768) float16."""
+        if "steps" not in self.f:
+            raise CacheError(f"feature cache {self.path} has no per-time-step view (/steps; format "
+                             f"{self.version}, written before it existed): run `pipeline upgrade {self.path}` "
+                             "(reads the maps once, resumable)")
+        return self.f["steps"]
 
     def rows(self, video: int, view: int = 0) -> np.ndarray:
         """Row numbers of one video's clips for one view, in temporal order."""
@@ -242,6 +264,8 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
         raise CacheError("merge: no input files")
     stores = [FeatureStore(p) for p in inputs]
     try:
+        for s in stores:
+            s.steps()            # an older file: upgrade it first rather than merge a cache without the view
         ref = settings if settings is not None else stores[0].settings
         for s in stores:
             check_settings(s.settings, ref, s.path, f"it cannot be merged with {stores[0].path}")
@@ -271,9 +295,75 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
                     zeros = (0,) * (s.f["features"].ndim - 1)
                     v.chunks = [s.f["features"].id.read_direct_chunk((row, *zeros)) for row in range(r, r + n)]
                     v.pooled = s.f["pooled"][r:r + n]
+                    v.steps = s.f["steps"][r:r + n]
                     v.frame_indices = s.f["clips/frame_indices"][r:r + s.videos["n_clips"][vi]]
                 writer.add(v)
         return len(where)
     finally:
         for s in stores:
             s.close()
+
+
+def _create_steps(f: h5py.File, rows: int, map_shape) -> h5py.Dataset:
+    shape = (map_shape[1], map_shape[0])                    # (t, C)
+    return f.create_dataset("steps", (rows, *shape), np.float16, maxshape=(None, *shape), chunks=(64, *shape))
+
+
+def upgrade(path, block: int = 256, progress: bool = True) -> str:
+    """Adds the per-time-step view to a format-1 cache: a copy with /steps is built beside it
+    (`<path>.upgrading`, raw chunks copied, the maps read once) and renamed onto `path` when complete,
+    so the cache is never half-written. Interrupted, it resumes from the last block written."""
+    from tqdm import tqdm
+
+    path = Path(path)
+    with exclusive(path, "feature cache"):
+        with FeatureStore(path) as s:
+            if "steps" in s.f:
+                return f"{path}: already format {s.version}, nothing to do"
+            n_rows, map_shape = s.f["features"].shape[0], s.f["features"].shape[1:]
+        stat = path.stat()
+        source = f"{settings_hash(read_settings(path))}:{stat.st_size}:{stat.st_mtime_ns}"
+        tmp = path.with_name(f"{path.name}.upgrading")
+        dst = _resumable(tmp, source)
+        if dst is None:
+            with h5py.File(path, "r") as src, h5py.File(tmp, "w") as new:
+                for name in src:
+                    src.copy(src[name], new, name)        # H5Ocopy: chunks as they are, no re-encoding
+                new.attrs.update(dict(src.attrs))
+                new.attrs["upgrade_source"] = source
+                new.attrs["steps_done"] = 0
+                _create_steps(new, n_rows, map_shape)
+            dst = h5py.File(tmp, "r+")
+        try:
+            done = int(dst.attrs["steps_done"])
+            feats, steps = dst["features"], dst["steps"]
+            with tqdm(total=n_rows, initial=done, unit="clip", disable=not progress, desc=f"upgrade {path.name}") as bar:
+                for lo in range(done, n_rows, block):
+                    hi = min(lo + block, n_rows)
+                    steps[lo:hi] = step_maps(feats[lo:hi])
+                    dst.flush()                            # rows before steps_done are on disk
+                    dst.attrs["steps_done"] = hi
+                    bar.update(hi - lo)
+            dst.attrs["format_version"] = FORMAT_VERSION
+            del dst.attrs["upgrade_source"], dst.attrs["steps_done"]
+        finally:
+            dst.close()
+        os.replace(tmp, path)
+        return f"{path}: upgraded to format {FORMAT_VERSION} ({n_rows} clips given their per-step view)"
+
+
+def _resumable(tmp: Path, source: str) -> h5py.File | None:
+    """An unfinished upgrade of the same source file, opened for writing, or None (anything else there
+    is removed)."""
+    if not tmp.exists():
+        return None
+    try:
+        f = h5py.File(tmp, "r+")
+    except OSError:
+        tmp.unlink()
+        return None
+    if f.attrs.get("upgrade_source") == source and "steps" in f:
+        return f
+    f.close()
+    tmp.unlink()
+    return None

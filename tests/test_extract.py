@@ -46,7 +46,7 @@ def run_cli(dataset, out, *extra):
 def table(path):
     with FeatureStore(path) as s:
         return ({k: list(v) for k, v in s.videos.items()}, s.f["features"][:], s.f["pooled"][:],
-                s.f["clips/frame_indices"][:], s.settings)
+                s.f["clips/frame_indices"][:], s.f["steps"][:], s.settings)
 
 
 def test_extract_writes_the_documented_format_and_records_failures(dataset, tmp_path):
@@ -60,6 +60,8 @@ def test_extract_writes_the_documented_format_and_records_failures(dataset, tmp_
         assert f["features"].compression == "lzf"
         assert f["pooled"].shape == (56, 768) and f["pooled"].dtype == np.float32
         np.testing.assert_allclose(f["pooled"][5], f["features"][5].astype(np.float32).mean((1, 2, 3)), atol=2e-3)
+        assert f["steps"].shape == (56, 2, 768) and f["steps"].dtype == np.float16 and f.attrs["format_version"] == 2
+        np.testing.assert_allclose(f["steps"][5], f["features"][5].astype(np.float32).mean((2, 3)).T, atol=2e-3)
         assert f["clips/view"][:4].tolist() == [0, 0, 1, 1] and f["clips/clip"][:4].tolist() == [0, 1, 0, 1]
     with FeatureStore(tmp_path / "c.h5") as s:
         assert len(s) == 15 and s.failures()[0][0] == "c/c_2"
@@ -130,7 +132,7 @@ def test_kill_9_then_resume_gives_the_same_cache(dataset, tmp_path):
     assert r.returncode == 0 and "resumed" in r.stdout
     a, b = table(tmp_path / "full.h5"), table(out)
     assert a[0] == b[0]
-    for x, y in zip(a[1:4], b[1:4]):
+    for x, y in zip(a[1:5], b[1:5]):
         assert np.array_equal(x, y)
     assert not parts.exists()
 
@@ -148,7 +150,7 @@ def test_two_shards_merge_into_the_single_process_cache(dataset, tmp_path):
     assert r.returncode == 0, r.stderr
     a, b = table(tmp_path / "one.h5"), table(tmp_path / "m.h5")
     assert a[0] == b[0]
-    for x, y in zip(a[1:4], b[1:4]):
+    for x, y in zip(a[1:5], b[1:5]):
         assert np.array_equal(x, y)
     dup = subprocess.run([sys.executable, "-m", "pipeline", "merge", str(shards[0]), str(shards[0]), "--out",
                           str(tmp_path / "d.h5")], capture_output=True, text=True)

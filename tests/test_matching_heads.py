@@ -127,9 +127,9 @@ def test_chamfer_tuples_pool_the_shots_and_learn():
 
 def test_trx_tuples_attention_and_prototype_by_hand():
     h = heads.build("trx", {"clips": 4, "tuple_sizes": "2,3", "dim": 8})
-    assert [len(t) for t in h.tuples] == [6, 4]                               # C(4, 2), C(4, 3)
     x = torch.randn(3, 4, 768)
     z = h.encode(x)
+    assert [len(t) for t in h.tuples] == [6, 4]                               # C(4, 2), C(4, 3)
     assert z.shape == (3, 10, 16)
     y = x.clone()
     y[:, 3] += 1                                                              # tuple (0, 1) does not hold clip 3

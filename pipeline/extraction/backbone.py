@@ -6,7 +6,6 @@ recorded, and refuses a file whose sha256 differs.
 from __future__ import annotations
 
 import ctypes
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import ConfigError, PipelineError
+from ..errors import PipelineError
 from .mfnet import MFNet3D, random_mfnet, sha256
 from .settings import ExtractSettings
 from .video import normalize_batch
@@ -68,18 +67,6 @@ class Backbone:
             return dict(weights_file=None, weights_sha256="random", random_init_seed=self.seed)
         return dict(weights_file=Path(self.weights_path).name, weights_path=self.weights_path,
                     weights_sha256=self.sha256)
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device != "cpu":
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return torch.device("cpu")
 
 
 def retain_freed_memory() -> bool:

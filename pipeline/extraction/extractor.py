@@ -28,7 +28,8 @@ import torch
 from ..errors import ConfigError
 from ..files import atomic_path, atomic_write_text, exclusive
 from ..store import CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps, read_settings
-from .backbone import Backbone, BatchForward, pick_device
+from ..device import pick_device
+from .backbone import Backbone, BatchForward
 from .datasets import VideoEntry
 from .settings import ExtractSettings
 from .video import read_clips_or_reason, view_seed

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device import pick_device
 from ..errors import ConfigError, MissingFile
 from ..files import atomic_write_text
 from ..store import FeatureStore, check_settings
@@ -27,22 +28,24 @@ def encode_all(head, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: int = 500) -> np.ndarray:
+def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: int = 500,
+                       device: torch.device | str = "cpu") -> np.ndarray:
     """(E,) accuracy of every episode (E, N, K+Q): each video is encoded once, then every episode
-    is scored from the encodings, `chunk` episodes per call for heads whose scores take a batch."""
+    is scored from the encodings, `chunk` episodes per call for heads whose scores take a batch;
+    on `device`, where the head must be."""
     e, n, kq = episodes.shape
-    z = encode_all(head, torch.from_numpy(np.asarray(feats.inputs(np.arange(len(feats.ids)), clips=head.clips),
-                                                      np.float32)))
+    x = np.asarray(feats.inputs(np.arange(len(feats.ids)), clips=head.clips), np.float32)
+    z = encode_all(head, torch.from_numpy(x).to(device))
     zq = head.as_query(z)
-    target = torch.arange(n).repeat_interleave(kq - k_shot)
+    target = torch.arange(n, device=device).repeat_interleave(kq - k_shot)
     step = chunk if head.batched else 1
     acc = []
     for s in range(0, e, step):
-        ep = torch.from_numpy(episodes[s:s + step])
+        ep = torch.from_numpy(episodes[s:s + step]).to(device)
         support, queries = z[ep[:, :, :k_shot]], zq[ep[:, :, k_shot:].flatten(1, 2)]    # (b, N, K, ...), (b, N*Q, ...)
         scores = head.scores(support, queries) if head.batched else head.scores(support[0], queries[0])[None]
         acc.append((scores.argmax(-1) == target).float().mean(-1))                  # scores (b, N*Q, N)
-    return torch.cat(acc).numpy()
+    return torch.cat(acc).cpu().numpy()
 
 
 def check_cache(ck, store: FeatureStore, path) -> None:
@@ -71,7 +74,7 @@ def run_name(target) -> str:
 
 
 def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, runs=10, seed=0,
-             part="test") -> tuple[list[dict], list[np.ndarray]]:
+             part="test", device: str = "cpu") -> tuple[list[dict], list[np.ndarray]]:
     """Metrics of each target (a run folder: every seed's best.pt; or one checkpoint) on the same fixed
     episodes, compared with the best target on the same episodes and seeds; and each target's
     (seeds, E) per-episode accuracies. K defaults to the K the checkpoints were trained with (which
@@ -89,14 +92,16 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
     with FeatureStore(cache) as store:
         for p, ck in cks.items():
             check_cache(ck, store, p)
-        feats = {c: load(store, part, c, views=1) for c in {h.consumes for h in built.values()}}
+        feats = {c: load(store, part, c, views=1) for c in {h.view for h in built.values()}}
         any_feats = next(iter(feats.values()))
         eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
                              episodes * runs, seed)
         settings_hash = store.settings_hash
 
+    dev = pick_device(device)
+
     def score(head):
-        return episode_accuracies(head, feats[head.consumes], eps, k_shot)
+        return episode_accuracies(head.to(dev), feats[head.view], eps, k_shot, device=dev)
 
     results, accs = [], []
     for target, ps in zip(targets, paths):

@@ -6,6 +6,8 @@ T=3, 1 view: 27,462 clips, 84 MB; dense, stride 16, about 5x that), and read seq
 from them: one clip from each of T equal segments of a video's clips, drawn at random in training
 (temporal augmentation from one cache) and the middle one in evaluation; a video with fewer clips
 than T repeats clips in order. A cache with exactly T clips per video gives exactly its clips.
+Heads that read the per-step view (option per_step) get each clip's 8 temporal positions, (rows,
+8, 768) float16, 12 KB per clip (UCF101 train at T=8 segments: 73k clips, 0.9 GB).
 Map heads hold the clip-mean map (views, 768, 8, 4, 4) float16 = 192 KB per video-view (UCF101
 train, 1 view: 1.8 GB), read once from HDF5 in contiguous row blocks.
 """
@@ -27,7 +29,8 @@ class FeatureError(PipelineError):
 class SplitFeatures:
     ids: np.ndarray            # (n,) "Class/stem"
     classes: np.ndarray        # (n,) class names
-    x: np.ndarray              # pooled (rows, 768) float32 clip vectors | maps (n, V, 768, t, h, w) float16
+    x: np.ndarray              # pooled (rows, 768) float32 clip vectors | steps (rows, t, 768) float16 |
+                               # maps (n, V, 768, t, h, w) float16
     views: int
     first: np.ndarray | None = None   # pooled: (n, V) row in x of each video-view's first clip
     count: np.ndarray | None = None   # pooled: (n,) clips per video
@@ -45,7 +48,8 @@ class SplitFeatures:
     def inputs(self, videos, views=None, clips: int | None = None, rng: np.random.Generator | None = None):
         """What a head reads of `videos` (B,) in `views` (B,; default view 0): maps (B, 768, t, h, w), or
         clip sequences (B, T, 768) with T = `clips` (None: the cache's own T, which must then be the same
-        for every video), random within segments when `rng` is given."""
+        for every video), random within segments when `rng` is given; from the per-step view, each
+        clip's t positions in a row: (B, T * t, 768)."""
         videos = np.asarray(videos)
         views = np.zeros(len(videos), int) if views is None else views
         if self.first is None:
@@ -56,7 +60,8 @@ class SplitFeatures:
                 raise FeatureError(f"videos have {count.min()} to {count.max()} clips (a dense cache): give the "
                                    "head a sequence length, --head-opt clips=T")
             clips = int(count[0])
-        return self.x[self.first[videos, views][:, None] + segment_picks(count, clips, rng)]   # (B, T, 768)
+        seq = self.x[self.first[videos, views][:, None] + segment_picks(count, clips, rng)]   # (B, T, [t,] 768)
+        return seq.reshape(len(videos), -1, seq.shape[-1])
 
 
 def segment_picks(count: np.ndarray, clips: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -70,22 +75,24 @@ def segment_picks(count: np.ndarray, clips: int, rng: np.random.Generator | None
     return lo + (rng.random(lo.shape) * (hi - lo)).astype(np.int64)
 
 
-def load(store: FeatureStore, part: str, consumes: str, views: int | None = None, block: int = 256) -> SplitFeatures:
-    """The ok videos of `part`; all views by default, or only the first `views`."""
+def load(store: FeatureStore, part: str, view: str, views: int | None = None, block: int = 256) -> SplitFeatures:
+    """The ok videos of `part` in one of the cache's views ("pooled", "steps" or "maps"); all crop
+    views by default, or only the first `views`."""
     v = store.videos
     sel = np.flatnonzero((v["part"] == part) & (v["status"] == "ok"))
     if len(sel) == 0:
         raise FeatureError(f"{store.path}: no extracted videos in part {part!r}")
     nv = int(v["n_views"][sel].min()) if views is None else min(views, int(v["n_views"][sel].min()))
     count = v["n_clips"][sel].astype(np.int64)
-    if consumes == "pooled":
+    if view in ("pooled", "steps"):
         starts = (v["first_row"][sel][:, None] + np.arange(nv)[None, :] * count[:, None]).ravel()   # cache rows
         lengths = np.repeat(count, nv)
-        x = store.f["pooled"][:][np.concatenate([np.arange(s, s + c) for s, c in zip(starts, lengths)])]
+        ds = store.f["pooled"] if view == "pooled" else store.steps()
+        x = read_runs(ds, starts, lengths)
         first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).reshape(len(sel), nv)
         return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv, first, count)
-    if consumes != "maps":
-        raise FeatureError(f"consumes must be 'pooled' or 'maps', got {consumes!r}")
+    if view != "maps":
+        raise FeatureError(f"a head reads 'pooled', 'steps' or 'maps', not {view!r}")
     feats = store.f["features"]
     x = np.empty((len(sel), nv, *feats.shape[1:]), np.float16)
     for start in range(0, len(sel), block):
@@ -98,3 +105,19 @@ def load(store: FeatureStore, part: str, consumes: str, views: int | None = None
             for view in range(nv):
                 x[start + j, view] = data[r + view * c:r + (view + 1) * c].astype(np.float32).mean(0)
     return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv)
+
+
+def read_runs(ds, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Rows [start, start + length) of an HDF5 dataset, concatenated in the given order; adjacent
+    runs are read as one slice (a part's videos lie mostly together), never the whole dataset."""
+    out = np.empty((int(lengths.sum()), *ds.shape[1:]), ds.dtype)
+    pos, i = 0, 0
+    while i < len(starts):
+        j, end = i + 1, starts[i] + lengths[i]
+        while j < len(starts) and starts[j] == end:
+            end += lengths[j]
+            j += 1
+        out[pos:pos + end - starts[i]] = ds[starts[i]:end]
+        pos += end - starts[i]
+        i = j
+    return out

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device import pick_device
 from ..errors import ConfigError, PipelineError
 from ..files import atomic_write_text, exclusive
 from ..store import FeatureStore
@@ -103,34 +104,36 @@ class TrainConfig:
 
 
 def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int, views: np.ndarray | None = None,
-                   rng: np.random.Generator | None = None, per_video: bool = False):
+                   rng: np.random.Generator | None = None, per_video: bool = False, device="cpu"):
     """Scores (N*Q, N) of the queries of one episode (N, K+Q) against its N classes, and targets; with
     `rng`, each video's clips are drawn at random within their segments; with `per_video`, scores
     (N*Q, N, K) against each support video, scored as a one-shot class of its own."""
     n, kq = episode.shape
     x = feats.inputs(episode.reshape(-1), views, head.clips, rng)
-    z = head.encode(torch.from_numpy(x).float()).unflatten(0, (n, kq))        # (N, K+Q, ...)
-    target = torch.arange(n).repeat_interleave(kq - k_shot)
+    z = head.encode(torch.from_numpy(x).to(device).float()).unflatten(0, (n, kq))        # (N, K+Q, ...)
+    target = torch.arange(n, device=device).repeat_interleave(kq - k_shot)
     support, queries = z[:, :k_shot], head.as_query(z[:, k_shot:].flatten(0, 1))
     if per_video:
         return head.scores(support.flatten(0, 1)[:, None], queries).unflatten(1, (n, k_shot)), target
     return head.scores(support, queries), target
 
 
-def validate(head, feats, episodes: np.ndarray, k_shot: int) -> np.ndarray:
+def validate(head, feats, episodes: np.ndarray, k_shot: int, device="cpu") -> np.ndarray:
     """Per-episode accuracy on fixed episodes (view 0), computed as at test time."""
     from .evaluate import episode_accuracies
     head.eval()
-    acc = episode_accuracies(head, feats, episodes, k_shot)
+    acc = episode_accuracies(head, feats, episodes, k_shot, device=device)
     head.train()
     return acc
 
 
-def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print) -> list[dict]:
+def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print, device: str = "cpu") -> list[dict]:
     """Train `config.head` on the train part of `cache`, once per training seed (config.seed,
     config.seed + 1, ...: `out_dir/seed-N/`), each keeping the checkpoint with the best validation
     accuracy (never test), all on the same fixed validation episodes. A seed resumes from its
-    last.pt when that exists and matches the config."""
+    last.pt when that exists and matches the config. `device` (cpu, cuda, auto) is where the head
+    runs; it is not part of the config: a run resumes on another device."""
+    dev = pick_device(device)
     FeatureStore(cache).close()          # a missing or unreadable cache fails before anything is created
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -138,21 +141,21 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print)
         results = []
         for seed in range(config.seed, config.seed + config.seeds):
             one = replace(config, seed=seed, seeds=1)
-            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log),
+            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, dev),
                                 seed=seed, folder=str(out_dir / f"seed-{seed}")))
         return results
 
 
-def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: bool, log) -> dict:
+def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: bool, log, device) -> dict:
     from tqdm import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     head_file = heads.load_head_file(config.head_file) if config.head_file else None
-    head = heads.build(config.head, config.head_options)
+    head = heads.build(config.head, config.head_options).to(device)
     with FeatureStore(cache) as store:
-        tr = load(store, "train", head.consumes)
-        va = load(store, "val", head.consumes, views=1)
+        tr = load(store, "train", head.view)
+        va = load(store, "val", head.view, views=1)
         val_eps = fixed_episodes(Path(cache), va.ids, va.by_class(), "val", config.n_way, config.k_shot,
                                  config.val_query, config.val_episodes, val_seed)
         cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash,
@@ -165,7 +168,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
                                                    head.state_dict(), episode, best_val, head_file, resume))
 
     if not params:  # parameter-free head (mean): nothing to train, score it on validation once
-        acc = float(validate(head, va, val_eps, config.k_shot).mean())
+        acc = float(validate(head, va, val_eps, config.k_shot, device).mean())
         save("best.pt", 0, acc)
         save("last.pt", 0, acc, dict(curve=[]))
         _write_curve(out_dir, [dict(episode=0, loss=float("nan"), val_accuracy=acc)])
@@ -198,7 +201,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
     for ep in bar:
         episode = sampler.sample(rng)
         views = rng.integers(tr.views, size=episode.size) if tr.views > 1 else None
-        sims, target = episode_scores(head, tr, episode, config.k_shot, views, rng, config.loss in PER_VIDEO)
+        sims, target = episode_scores(head, tr, episode, config.k_shot, views, rng, config.loss in PER_VIDEO, device)
         loss = episode_loss(config.loss, sims, target, config.gamma, config.margin, config.scale)
         if not torch.isfinite(loss):
             raise TrainingError(f"episode {ep + 1}: loss is {loss.item()} (not finite); stopped without saving "
@@ -211,7 +214,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
         window.append(loss.item())
         if (ep + 1) % config.val_every == 0 or ep + 1 == total:
             tv = time.perf_counter()
-            acc = float(validate(head, va, val_eps, config.k_shot).mean())
+            acc = float(validate(head, va, val_eps, config.k_shot, device).mean())
             curve.append(dict(episode=ep + 1, loss=float(np.mean(window)), val_accuracy=acc))
             window = []
             bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}", val=f"{acc:.3f}")

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import PipelineError
-from ..extraction.backbone import Backbone, BatchForward, pick_device
+from ..device import pick_device
+from ..extraction.backbone import Backbone, BatchForward
 from ..extraction.datasets import scan
 from ..extraction.mfnet import sha256
 from ..extraction.settings import ExtractSettings
@@ -23,7 +24,7 @@ from ..extraction.video import VIDEO_EXTENSIONS, VideoError, read_clips
 from ..fewshot import checkpoint
 from ..fewshot.features import segment_picks
 from ..files import atomic_path
-from ..store import pool_maps, settings_hash
+from ..store import pool_maps, settings_hash, step_maps
 
 
 class PredictError(PipelineError):
@@ -33,16 +34,18 @@ class PredictError(PipelineError):
 @dataclass
 class Embedded:
     pooled: np.ndarray    # (T, 768) float32
+    steps: np.ndarray     # (T, t, 768) float16, the per-step view
     maps: np.ndarray      # (768, t, h, w) float16, the clip mean (map heads)
     cached: bool
 
     def features(self, head) -> torch.Tensor:
         """What `head` reads of this video, as evaluation reads it from a cache: the clip-mean map, or
-        the middle clip of each of the head's T segments."""
-        if head.consumes != "pooled":
+        the middle clip (or its steps) of each of the head's T segments."""
+        if head.view == "maps":
             return torch.from_numpy(self.maps).float()
-        clips = head.clips or len(self.pooled)
-        return torch.from_numpy(self.pooled[segment_picks(np.array([len(self.pooled)]), clips)[0]])
+        seq = self.pooled if head.view == "pooled" else self.steps
+        picked = seq[segment_picks(np.array([len(seq)]), head.clips or len(seq))[0]]
+        return torch.from_numpy(picked.reshape(-1, picked.shape[-1])).float()    # (T [* t], 768)
 
 
 class Embedder:
@@ -65,15 +68,16 @@ class Embedder:
         f = self.dir / f"{digest}.npz"
         if f.exists():
             with np.load(f) as z:
-                return Embedded(z["pooled"], z["maps"], True)
+                if "steps" in z:        # files of the first version lack the per-step view: embedded again
+                    return Embedded(z["pooled"], z["steps"], z["maps"], True)
         s = self.settings
         vc = read_clips(path, s.sampling, s.preprocess, views=1, raw=True)
         self.decoded += 1
         maps = self.forward()(vc.clips[0])                       # (T, 768, t, h, w)
-        e = Embedded(pool_maps(maps), maps.mean(0).astype(np.float16), False)
+        e = Embedded(pool_maps(maps), step_maps(maps), maps.mean(0).astype(np.float16), False)
         self.dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(f, suffix=".npz") as tmp:
-            np.savez(tmp, pooled=e.pooled, maps=e.maps)
+            np.savez(tmp, pooled=e.pooled, steps=e.steps, maps=e.maps)
         return e
 
 

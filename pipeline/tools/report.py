@@ -76,9 +76,9 @@ def encode_test_videos(runs, runs_dir, cache):
             if not folder.is_dir():
                 continue
             head = checkpoint.load(run_checkpoints(folder)[0]).build_head()     # the first seed's
-            if head.consumes not in feats:
-                feats[head.consumes] = load(st, "test", head.consumes, views=1)
-            f = feats[head.consumes]
+            if head.view not in feats:
+                feats[head.view] = load(st, "test", head.view, views=1)
+            f = feats[head.view]
             x = torch.from_numpy(np.asarray(f.inputs(np.arange(len(f.ids)), clips=head.clips), np.float32))
             encoded.append((r, head, encode_all(head, x)))
     return feats, encoded

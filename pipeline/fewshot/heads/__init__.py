@@ -8,6 +8,8 @@ episode's queries against its classes:
                               vectors, or "maps" the clip-mean map (768, 8, 4, 4)
     clips                     the sequence length T a pooled head reads: its option `clips`, or
                               None (no such option) for the cache's own T
+    view                      the cache view read: `consumes`, or "steps" when the head's option
+                              `per_step` is set: each clip's 8 temporal positions in a row, (T * 8, 768)
     encode(x)                 per-video work, (B, ...) -> (B, ...); evaluation and predict run it once
                               per video, training once per episode video
     as_query(z)               optional further per-video work on a query's encoding (default: none);
@@ -68,6 +70,10 @@ class Head(nn.Module):
     @property
     def clips(self) -> int | None:
         return getattr(self.options, "clips", None)
+
+    @property
+    def view(self) -> str:
+        return "steps" if getattr(self.options, "per_step", False) else self.consumes
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import ConfigError
 from . import Head, option, register
+from .matching import SequenceOptions
 
 
 @register("chamfer")
@@ -20,8 +22,7 @@ class ChamferMatcher(Head):
     batched = True
 
     @dataclass
-    class Options:
-        clips: int = option(8, "sequence length T: clips per video, one from each of T segments")
+    class Options(SequenceOptions):
         tuple_length: int = option(2, "consecutive clips per tuple")
         dim: int = option(1024, "size of the projected tuples")
         scale: float = option(1.0, "initial multiplier of the similarities")
@@ -35,7 +36,10 @@ class ChamferMatcher(Head):
         self.log_scale = nn.Parameter(torch.tensor(math.log(o.scale)), requires_grad=o.learn_scale)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, 768) clips -> (B, T - l + 1, dim) unit tuple vectors."""
+        """(B, L, 768) steps -> (B, L - l + 1, dim) unit tuple vectors."""
+        if self.options.tuple_length > x.shape[1]:
+            raise ConfigError(f"head chamfer: tuple_length {self.options.tuple_length} is longer than the sequence "
+                              f"({x.shape[1]} steps); use a smaller tuple_length or more clips")
         tuples = x.unfold(1, self.options.tuple_length, 1).transpose(-1, -2).flatten(-2)   # (B, U, l * 768)
         return F.normalize(self.norm(self.proj(tuples)), dim=-1)
 

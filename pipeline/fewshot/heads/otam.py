@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from . import option, register
-from .matching import StepMatcher
+from .matching import SequenceOptions, StepMatcher
 
 
 @register("otam")
@@ -16,8 +16,7 @@ class OrderedTemporalAlignment(StepMatcher):
     minimum and a free start and end; the score is minus that cost."""
 
     @dataclass
-    class Options:
-        clips: int = option(8, "sequence length T: clips per video, one from each of T segments")
+    class Options(SequenceOptions):
         smoothing: float = option(0.1, "lambda of the smoothed minimum (-> 0: the hard minimum)")
         bidirectional: bool = option(False, "add the support-to-query alignment, as later codebases do")
 

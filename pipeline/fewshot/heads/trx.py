@@ -7,7 +7,12 @@ from itertools import combinations
 import torch
 from torch import nn
 
-from . import Head, option, register
+from ...errors import ConfigError
+from . import Head, option, register, show
+from .matching import SequenceOptions
+
+
+MAX_TUPLES = 4096       # per video: beyond this, the keys and values of one episode take gigabytes
 
 
 @register("trx")
@@ -18,23 +23,42 @@ class TemporalRelationalCrossTransformer(Head):
     minus the mean squared distance of the query's values to it, averaged over the tuple sizes."""
 
     @dataclass
-    class Options:
-        clips: int = option(8, "sequence length T: clips per video, one from each of T segments")
+    class Options(SequenceOptions):
         tuple_sizes: tuple[int, ...] = option((2, 3), "tuple cardinalities, comma-separated")
         dim: int = option(1152, "size of the keys and values")
 
     def __init__(self, options=None, in_dim: int = 768):
         super().__init__(options)
         o = self.options
-        self.tuples = [torch.tensor(list(combinations(range(o.clips), s))) for s in o.tuple_sizes]   # (n_s, s)
         self.keys = nn.ModuleList(nn.Linear(s * in_dim, o.dim) for s in o.tuple_sizes)
         self.values = nn.ModuleList(nn.Linear(s * in_dim, o.dim) for s in o.tuple_sizes)
         self.key_norms = nn.ModuleList(nn.LayerNorm(o.dim) for _ in o.tuple_sizes)
-        self.register_buffer("position", 0.1 * sinusoid(o.clips, in_dim))     # TRX scales it by 0.1
+        self.in_dim = in_dim
+        self.length = None         # the sequence length L seen: T clips, or T x t steps with per_step
+
+    def _layout(self, length: int) -> None:
+        """Tuples and positional encoding for sequences of `length` steps, made on the first call."""
+        if self.length == length:
+            return
+        if max(self.options.tuple_sizes) > length:
+            raise ConfigError(f"head trx: tuple size {max(self.options.tuple_sizes)} is larger than the sequence "
+                              f"({length} steps); use smaller tuple_sizes or more clips")
+        count = sum(math.comb(length, s) for s in self.options.tuple_sizes)
+        if count > MAX_TUPLES:
+            raise ConfigError(f"head trx: {count} tuples of sizes {show(self.options.tuple_sizes)} from {length} steps "
+                              f"(more than {MAX_TUPLES}); use fewer clips, per_step=false or tuple_sizes=2")
+        self.tuples = [torch.tensor(list(combinations(range(length), s))) for s in self.options.tuple_sizes]
+        self.position = 0.1 * sinusoid(length, self.in_dim)  # TRX's 0.1
+        self.length = length
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        state_dict.pop(prefix + "position", None)    # a buffer in checkpoints of the first version; recomputed
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, 768) clips -> (B, tuples, 2 * dim): each tuple's key then value, all sizes in a row."""
-        x = x + self.position
+        """(B, L, 768) steps -> (B, tuples, 2 * dim): each tuple's key then value, all sizes in a row."""
+        self._layout(x.shape[1])
+        x = x + self.position.to(x)
         out = []
         for idx, key, value, norm in zip(self.tuples, self.keys, self.values, self.key_norms):
             t = x[:, idx].flatten(-2)                                           # (B, n_s, s * 768)
