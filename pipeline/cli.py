@@ -181,7 +181,9 @@ def train(ctx: typer.Context,
           val_query: int = typer.Option(15, help="Queries per class in validation episodes."),
           seed: int = typer.Option(0, help="Seed of initialisation and episode sampling (the first seed)."),
           seeds: int = typer.Option(1, help="Training seeds: seed, seed+1, ... each in OUT/seed-N/ (the presets use 3)."),
+          train_views: str = typer.Option("all", help="Cached crops drawn per video per episode: all (centre crop included) | random (only the random crops, views >= 1: the paper's training crop)."),
           device: str = typer.Option("cpu", help="Where the head trains: cpu | cuda | auto (not part of the run's settings)."),
+          jobs: int = typer.Option(1, help="Seeds trained at once on the CPU, in processes sharing its cores (not part of the run's settings)."),
           params: Optional[Path] = typer.Option(None, help="Take the training settings from this params file (e.g. params.yaml) ..."),
           run: Optional[str] = typer.Option(None, help="... entry runs.RUN of it (then no other training option may be given).")):
     """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
@@ -191,7 +193,7 @@ def train(ctx: typer.Context,
     if (params is None) != (run is None):
         raise ConfigError("--params and --run go together")
     if params:
-        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device")
+        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device", "jobs")
                  and ctx.get_parameter_source(n).name == "COMMANDLINE"]
         if given:
             raise ConfigError(f"--run {run} takes its settings from {params}; do not also give "
@@ -200,8 +202,8 @@ def train(ctx: typer.Context,
     else:
         cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
-                          seed, seeds)
-    for r in run_train(cache, out, cfg, log=typer.echo, device=device):
+                          seed, seeds, train_views)
+    for r in run_train(cache, out, cfg, log=typer.echo, device=device, jobs=jobs):
         trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"
                    if r["episodes"] else "(no parameters: scored on validation, not trained)")
         typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% {trained}; checkpoint "

@@ -6,17 +6,20 @@ from pipeline.store import StoreWriter, VideoResult
 SETTINGS = dict(backbone="MFNet3D", dtype="float32", compression="none", note="synthetic")
 
 
-def write_cache(path, pooled_by_class: dict, parts: dict, map_shape=(768, 2, 1, 1), settings=None):
+def write_cache(path, pooled_by_class: dict, parts: dict, map_shape=(768, 2, 1, 1), settings=None, views=1):
     """pooled_by_class: class -> (videos, T, 768) array; parts: class -> train/val/test.
-    Maps are the pooled vector broadcast over the map's positions, so both views agree."""
+    Maps are the pooled vector broadcast over the map's positions, so both views agree; `views`
+    crop views hold the same clips."""
     s = dict(SETTINGS, **(settings or {}))
     w = StoreWriter(path, s, {"synthetic": True}, map_shape, frames=2)
     order = 0
     for label, (c, x) in enumerate(pooled_by_class.items()):
         for i, clips in enumerate(x):
+            clips = np.concatenate([clips] * views)                    # view-major rows
             maps = np.broadcast_to(clips[:, :, None, None, None], (len(clips), *map_shape)).copy()
             w.add(VideoResult(f"{c}/{c}_{i}", c, parts[c], label, order, maps=maps, pooled=clips,
-                              frame_indices=np.zeros((len(clips), 2), np.int32), n_views=1, n_frames=10))
+                              frame_indices=np.zeros((len(clips) // views, 2), np.int32), n_views=views,
+                              n_frames=10))
             order += 1
     w.close()
     return path

@@ -84,6 +84,51 @@ def test_lstm_head_equals_torch_lstm_values_and_gradients():
     assert torch.allclose(head.encode(x[:, :1]), head.lstm(x[:, :1])[1][0][-1], atol=1e-6)   # T = 1
 
 
+def test_peephole_lstm_follows_the_papers_equations_values_and_gradients():
+    """Against eqs. 3-7 written out unit by unit (float64, with `o * tanh(c)` for eq. 7's typo)."""
+    torch.manual_seed(1)
+    head = heads.build("lstm", {"hidden": 3, "peephole": True}).double()
+    with torch.no_grad():
+        head.peephole.normal_()                    # zero at start: give the peepholes something to do
+    x = torch.randn(2, 4, 768, dtype=torch.float64)
+    ours = head.encode(x)
+    assert ours.shape == (2, 3)
+    p, peep = head.lstm, head.peephole
+
+    def reference(x, w_ih, w_hh, b, peep):
+        out = []
+        sig = torch.sigmoid
+        for v in range(x.shape[0]):
+            h, c = [0.0] * 3, [0.0] * 3
+            for t in range(x.shape[1]):
+                pre = [b[r] + (w_ih[r] * x[v, t]).sum() + sum(w_hh[r, j] * h[j] for j in range(3)) for r in range(12)]
+                new_c, new_h = [], []
+                for u in range(3):                 # rows u, 3+u, 6+u, 9+u: gates i, f, g, o of unit u
+                    i = sig(pre[u] + peep[0, u] * c[u])
+                    f = sig(pre[3 + u] + peep[1, u] * c[u])
+                    new_c.append(f * c[u] + i * torch.tanh(pre[6 + u]))
+                    o = sig(pre[9 + u] + peep[2, u] * new_c[u])
+                    new_h.append(o * torch.tanh(new_c[u]))
+                h, c = new_h, new_c
+            out.append(torch.stack(h))
+        return torch.stack(out)
+
+    args = (p.weight_ih_l0, p.weight_hh_l0, p.bias_ih_l0 + p.bias_hh_l0, peep)
+    ref = reference(x, *args)
+    assert torch.allclose(ours, ref, atol=1e-12)
+    w = torch.randn(2, 3, dtype=torch.float64)
+    params = [p.weight_ih_l0, p.weight_hh_l0, p.bias_ih_l0, peep]
+    g_ours = torch.autograd.grad((w * ours).sum(), params)
+    g_ref = torch.autograd.grad((w * reference(x, *args)).sum(), params)
+    for a, b in zip(g_ours, g_ref):
+        assert torch.allclose(a, b, atol=1e-12) and a.abs().sum() > 0
+    assert not torch.allclose(ours, reference(x, *args[:3], torch.zeros_like(peep)), atol=1e-3)   # they matter
+    plain = heads.build("lstm", {"hidden": 3})
+    zero = heads.build("lstm", {"hidden": 3, "peephole": True})            # zero peepholes: the standard cell
+    zero.lstm.load_state_dict(plain.lstm.state_dict())
+    assert torch.allclose(zero.encode(x.float()), plain.encode(x.float()), atol=1e-6)
+
+
 FAST = dict(n_way=2, k_shot=1, q_query=2, val_every=100, val_episodes=40, val_query=5, lr=3e-3)
 
 
@@ -210,3 +255,48 @@ def test_per_video_circle_loss_trains_k_shot(cache, tmp_path):
     cfg = TrainConfig(head="lstm", head_options={"hidden": 16}, loss="circle_per_video", episodes=60,
                       **dict(FAST, k_shot=2))
     assert 0 <= train(cache, tmp_path / "pv", cfg, progress=False)[0]["best_val"] <= 1
+
+
+def test_train_views_random_draws_only_the_random_crops(tmp_path, monkeypatch):
+    import numpy as np
+    from cachegen import write_cache
+    from pipeline.errors import ConfigError
+    from pipeline.fewshot.features import SplitFeatures
+    rng = np.random.default_rng(0)
+    data = {f"c{i}": rng.normal(size=(6, 3, 768)).astype(np.float32) for i in range(6)}
+    parts = {c: ("train", "train", "val", "val", "test", "test")[i] for i, c in enumerate(data)}
+    three = write_cache(tmp_path / "v3.h5", data, parts, views=3)
+    drawn, real = [], SplitFeatures.inputs
+
+    def spy(self, videos, views=None, clips=None, rng=None):
+        if rng is not None:                                   # training draws only
+            drawn.append(np.asarray(views))
+        return real(self, videos, views, clips, rng)
+    monkeypatch.setattr(SplitFeatures, "inputs", spy)
+    fast = dict(head="lstm", head_options={"hidden": 8}, n_way=2, episodes=60, val_every=60, val_episodes=5, val_query=2)
+    for mode, lowest in (("all", 0), ("random", 1)):
+        drawn.clear()
+        train(three, tmp_path / mode, TrainConfig(train_views=mode, **fast), progress=False)
+        views = np.concatenate(drawn)
+        assert views.min() == lowest and views.max() == 2 and len(views) == 60 * 4
+    one = write_cache(tmp_path / "v1.h5", data, parts)
+    with pytest.raises(ConfigError, match="centre crop only"):
+        train(one, tmp_path / "none", TrainConfig(train_views="random", **fast), progress=False)
+    assert not (tmp_path / "none").exists()
+
+
+def test_seeds_trained_in_parallel_equal_seeds_trained_one_after_another(cache, tmp_path):
+    from pipeline.fewshot import checkpoint
+    cfg = TrainConfig(head="lstm", head_options={"hidden": 16}, episodes=100, seeds=2, **FAST)
+    one = train(cache, tmp_path / "one", cfg, progress=False)
+    two = train(cache, tmp_path / "two", cfg, progress=False, jobs=2)
+    assert [r["seed"] for r in two] == [0, 1] and [r["best_val"] for r in two] == [r["best_val"] for r in one]
+    for seed in (0, 1):
+        a, b = (checkpoint.load(tmp_path / run / f"seed-{seed}" / "last.pt") for run in ("one", "two"))
+        # one thread per process instead of two: the same episodes, sums rounded in another order
+        assert [c["val_accuracy"] for c in a.resume["curve"]] == [c["val_accuracy"] for c in b.resume["curve"]]
+        assert [c["loss"] for c in a.resume["curve"]] == pytest.approx([c["loss"] for c in b.resume["curve"]], rel=1e-5)
+        for k in a.state_dict:
+            assert torch.allclose(a.state_dict[k], b.state_dict[k], atol=1e-4), k   # differences ~1e-5 after 100 steps
+    a0, a1 = (checkpoint.load(tmp_path / "one" / f"seed-{s}" / "last.pt").state_dict for s in (0, 1))
+    assert not torch.allclose(a0["lstm.weight_hh_l0"], a1["lstm.weight_hh_l0"])     # the seeds do differ

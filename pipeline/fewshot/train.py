@@ -54,6 +54,7 @@ class TrainConfig:
     val_query: int = 15
     seed: int = 0
     seeds: int = 1                   # training seeds seed, seed + 1, ...: one checkpoint folder each
+    train_views: str = "all"         # cached crops drawn in training: all | random (views >= 1: the paper's)
 
     def __post_init__(self):
         if self.head_file:
@@ -67,6 +68,8 @@ class TrainConfig:
         for k in ("k_shot", "q_query", "val_every", "val_episodes", "val_query", "seeds"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.train_views not in ("all", "random"):
+            raise ConfigError(f"train.train_views must be all or random, got {self.train_views!r}")
         if self.n_way < 2:
             raise ConfigError(f"train.n_way must be >= 2, got {self.n_way}")
         if self.episodes is not None and self.episodes < 1:
@@ -127,23 +130,42 @@ def validate(head, feats, episodes: np.ndarray, k_shot: int, device="cpu") -> np
     return acc
 
 
-def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print, device: str = "cpu") -> list[dict]:
+def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print, device: str = "cpu",
+          jobs: int = 1) -> list[dict]:
     """Train `config.head` on the train part of `cache`, once per training seed (config.seed,
     config.seed + 1, ...: `out_dir/seed-N/`), each keeping the checkpoint with the best validation
     accuracy (never test), all on the same fixed validation episodes. A seed resumes from its
     last.pt when that exists and matches the config. `device` (cpu, cuda, auto) is where the head
-    runs; it is not part of the config: a run resumes on another device."""
+    runs, and `jobs` how many seeds train at once on the CPU (processes sharing its cores); neither
+    is part of the config: a run resumes on another device or with other jobs."""
     dev = pick_device(device)
-    FeatureStore(cache).close()          # a missing or unreadable cache fails before anything is created
+    if jobs < 1:
+        raise ConfigError(f"jobs must be >= 1, got {jobs}")
+    with FeatureStore(cache) as store:   # a missing or unreadable cache fails before anything is created
+        if config.train_views == "random" and store.videos["n_views"].max(initial=0) < 2:
+            raise ConfigError(f"train_views random: {cache} holds the centre crop only; extract with --views 2 "
+                              "or more")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    seeds = range(config.seed, config.seed + config.seeds)
+    jobs = min(jobs, len(seeds)) if dev.type == "cpu" else 1
     with exclusive(out_dir, "run folder"):
-        results = []
-        for seed in range(config.seed, config.seed + config.seeds):
-            one = replace(config, seed=seed, seeds=1)
-            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, dev),
-                                seed=seed, folder=str(out_dir / f"seed-{seed}")))
-        return results
+        if jobs == 1:
+            return [_train_seed(cache, out_dir, config, s, progress, log, dev) for s in seeds]
+        from joblib import Parallel, delayed
+        # small heads are bound by per-operation overhead: S processes of fewer threads each use the
+        # cores better than S runs one after another
+        threads = max(1, torch.get_num_threads() // jobs)
+        return Parallel(n_jobs=jobs)(delayed(_train_seed)(cache, out_dir, config, s, False, print, dev, threads)
+                                     for s in seeds)
+
+
+def _train_seed(cache, out_dir: Path, config: TrainConfig, seed: int, progress, log, device, threads=None) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    one = replace(config, seed=seed, seeds=1)
+    return dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, device),
+                seed=seed, folder=str(out_dir / f"seed-{seed}"))
 
 
 def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: bool, log, device) -> dict:
@@ -178,6 +200,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
              else torch.optim.Adam(params, lr=lr, fused=True))
     sched = torch.optim.lr_scheduler.StepLR(optim, every, factor)
     sampler = EpisodeSampler(tr.by_class(), config.n_way, config.k_shot, config.q_query)
+    first_view = 1 if config.train_views == "random" else 0     # view 0 is the centre crop
     rng = np.random.default_rng(config.seed)
     start, best, curve = 0, -1.0, []
     last = out_dir / "last.pt"
@@ -200,7 +223,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
                desc=f"{config.head} seed {config.seed}")
     for ep in bar:
         episode = sampler.sample(rng)
-        views = rng.integers(tr.views, size=episode.size) if tr.views > 1 else None
+        views = rng.integers(first_view, tr.views, size=episode.size) if tr.views > 1 else None
         sims, target = episode_scores(head, tr, episode, config.k_shot, views, rng, config.loss in PER_VIDEO, device)
         loss = episode_loss(config.loss, sims, target, config.gamma, config.margin, config.scale)
         if not torch.isfinite(loss):

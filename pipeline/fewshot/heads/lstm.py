@@ -25,18 +25,25 @@ class LSTMHead(EmbeddingHead):
         clips: int = option(3, "sequence length T: clips per video, one from each of T segments")
         order_blind: bool = option(False, "feed the mean clip vector at every step: a trained control that "
                                           "cannot see order")
+        peephole: bool = option(False, "the paper's eqs. 3, 4, 6: the input and forget gates also see c(t-1), "
+                                       "the output gate c(t), through per-unit weights (zero at start)")
 
     def __init__(self, options=None, in_dim: int = 768):
         super().__init__(options)
         if self.options.hidden < 1:
             raise ConfigError(f"head lstm: option hidden must be >= 1, got {self.options.hidden}")
         self.lstm = nn.LSTM(in_dim, self.options.hidden, batch_first=True)
+        if self.options.peephole:   # W_cI, W_cf, W_co of the paper, diagonal: zero starts as the standard cell
+            self.peephole = nn.Parameter(torch.zeros(3, self.options.hidden))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.options.order_blind:    # what training buys without order: every step sees the same input
             x = x.mean(1, keepdim=True).expand_as(x)
         p = self.lstm
-        return last_hidden(x, p.weight_ih_l0, p.weight_hh_l0, p.bias_ih_l0 + p.bias_hh_l0)  # (B, T, D) -> (B, H)
+        weights = (x, p.weight_ih_l0, p.weight_hh_l0, p.bias_ih_l0 + p.bias_hh_l0)
+        if self.options.peephole:
+            return peephole_last_hidden(*weights, self.peephole)
+        return last_hidden(*weights)                                            # (B, T, D) -> (B, H)
 
 
 class _LastHidden(torch.autograd.Function):
@@ -99,3 +106,15 @@ class _LastHidden(torch.autograd.Function):
 def last_hidden(x, w_ih, w_hh, bias):
     """Last hidden state (B, H) of a one-layer LSTM over x (B, T, D), zero initial state."""
     return _LastHidden.apply(x, w_ih, w_hh, bias)
+
+
+def peephole_last_hidden(x, w_ih, w_hh, bias, peep):
+    """`last_hidden` with the paper's peephole terms (eqs. 3-7, `peep` (3, H): input, forget and output
+    gates' per-unit weights on the cell state), by autograd: a slower path, kept plain."""
+    pre = (x @ w_ih.t() + bias).unbind(1)                                      # T x (B, 4H)
+    h = c = x.new_zeros(x.shape[0], w_hh.shape[1])
+    for a in pre:
+        i, f, g, o = (a + h @ w_hh.t()).chunk(4, 1)                            # PyTorch's gate order
+        c = torch.sigmoid(f + peep[1] * c) * c + torch.sigmoid(i + peep[0] * c) * torch.tanh(g)
+        h = torch.sigmoid(o + peep[2] * c) * torch.tanh(c)
+    return h
