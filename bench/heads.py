@@ -44,10 +44,14 @@ def main():
     ap.add_argument("--seed-episodes", type=int, default=2000, help="LSTM training episodes of the 1 vs 3 seeds figure")
     ap.add_argument("--matcher-episodes", type=int, default=300, help="training episodes timed per matcher")
     ap.add_argument("--matchers-only", action="store_true")
+    ap.add_argument("--stacked-only", action="store_true", help="only the stacked-seeds estimate")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
+    if a.stacked_only:
+        return stacked_seeds()
     if not a.matchers_only:
         paper_heads(a, tmp)
+        stacked_seeds()
     matchers(a, tmp)
 
 
@@ -100,6 +104,59 @@ def matchers(a, tmp):
             macs = 75 * 5 * sum(len(i) ** 2 for i in head.tuples) * 2 * head.options.dim
             line += f"; {macs / 1e9:.2f} GMAC per episode, {6000 * macs / sec / 1e9:.0f} GMAC/s"
         print(line, flush=True)
+
+
+def stacked_seeds(reps: int = 300):
+    """How far batching training seeds could go: one LSTM training step (5-way 1-shot, 10 videos, T=3,
+    hidden 512, fused Adam) for S seeds stacked into batched matmuls (plain autograd), S = 1 and 3,
+    against the library's one-seed step (written-out backward)."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+
+    def stacked(s):
+        w_ih, w_hh = (torch.nn.Parameter(0.04 * torch.randn(s, 2048, d)) for d in (768, 512))
+        bias = torch.nn.Parameter(torch.zeros(s, 1, 2048))
+        opt = torch.optim.Adam([w_ih, w_hh, bias], fused=True)
+        x = torch.randn(s, 10, 3, 768)
+
+        def step():
+            pre = (torch.baddbmm(bias, x.flatten(1, 2), w_ih.transpose(1, 2))).view(s, 10, 3, 2048)
+            h = c = x.new_zeros(s, 10, 512)
+            for t in range(3):
+                i, f, g, o = (pre[:, :, t] + h @ w_hh.transpose(1, 2)).chunk(4, -1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            z = F.normalize(h, dim=-1)
+            loss = (z[:, :5] @ z[:, 5:].transpose(1, 2)).logsumexp(-1).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    def library():
+        head = heads.build("lstm")
+        opt = torch.optim.Adam(head.parameters(), fused=True)
+        x = torch.randn(10, 3, 768)
+
+        def step():
+            z = F.normalize(head.encode(x), dim=-1)
+            loss = (z[:5] @ z[5:].T).logsumexp(-1).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return step
+
+    def ms(step):
+        for _ in range(20):
+            step()
+        t = time.perf_counter()
+        for _ in range(reps):
+            step()
+        return 1000 * (time.perf_counter() - t) / reps
+
+    one, s1, s3 = ms(library()), ms(stacked(1)), ms(stacked(3))
+    print(f"seeds stacked into one model (training step only): library one seed {one:.2f} ms; stacked autograd "
+          f"S=1 {s1:.2f} ms, S=3 {s3:.2f} ms = {s3 / s1:.2f}x S=1 and {s3 / one:.2f}x the library's one seed")
 
 
 def paper_heads(a, tmp):

@@ -3,7 +3,8 @@
 Layout (every name readable with plain h5py or `h5ls -r`):
 
   /features              (n_rows, 768, 8, 4, 4) float16|float32, one row per chunk, optional lzf/gzip
-  /pooled                (n_rows, 768) float32, spatio-temporal mean of each row's map
+  /pooled                (n_rows, 768) float32, spatio-temporal mean of each row's map (fletcher32
+                         checksums: a damaged chunk is an error when read, not a number)
   /steps                 (n_rows, 8, 768) float16, each row's map pooled over space only: one vector
                          per temporal position (12 KB a clip; format 2, `pipeline upgrade` adds it)
   /clips/video           (n_rows,) int32   index into /videos of the row's video
@@ -112,7 +113,7 @@ class StoreWriter:
         self.f.create_dataset("features", (0, *map_shape), dtype, maxshape=(None, *map_shape),
                               chunks=(1, *map_shape), **comp)
         self.f.create_dataset("pooled", (0, map_shape[0]), np.float32, maxshape=(None, map_shape[0]),
-                              chunks=(256, map_shape[0]))
+                              chunks=(256, map_shape[0]), fletcher32=True)
         _create_steps(self.f, 0, map_shape)
         for name, dt, shape in (("video", np.int32, ()), ("view", np.int16, ()), ("clip", np.int16, ()),
                                 ("frame_indices", np.int32, (frames,))):
@@ -306,7 +307,8 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
 
 def _create_steps(f: h5py.File, rows: int, map_shape) -> h5py.Dataset:
     shape = (map_shape[1], map_shape[0])                    # (t, C)
-    return f.create_dataset("steps", (rows, *shape), np.float16, maxshape=(None, *shape), chunks=(64, *shape))
+    return f.create_dataset("steps", (rows, *shape), np.float16, maxshape=(None, *shape), chunks=(64, *shape),
+                            fletcher32=True)
 
 
 def upgrade(path, block: int = 256, progress: bool = True) -> str:

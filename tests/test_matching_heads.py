@@ -148,3 +148,53 @@ def test_trx_tuples_attention_and_prototype_by_hand():
     assert all(p.grad is not None for p in h.parameters())
     with pytest.raises(ValueError, match="not a valid comma-separated ints"):
         heads.build("trx", {"tuple_sizes": "2,x"})
+
+
+def slow_otam(d, lam):
+    """OTAM's cumulative cost by the definition, cell by cell in plain Python floats."""
+    import math
+    rows, cols = len(d), len(d[0]) + 2
+    padded = [[0.0] + list(r) + [0.0] for r in d]
+
+    def softmin(*xs):
+        return -lam * math.log(sum(math.exp(-x / lam) for x in xs))
+    g = [[0.0] * cols for _ in range(rows)]
+    for i in range(rows):
+        for j in range(cols):
+            if i == 0:
+                g[i][j] = padded[i][j] + (g[i][j - 1] if j else 0.0)
+            elif j == 0:
+                g[i][j] = padded[i][j] + g[i - 1][j]
+            elif j == cols - 1:
+                g[i][j] = padded[i][j] + softmin(g[i - 1][j - 1], g[i][j - 1], g[i - 1][j])
+            else:
+                g[i][j] = padded[i][j] + softmin(g[i - 1][j - 1], g[i][j - 1])
+    return g[-1][-1]
+
+
+@pytest.mark.parametrize("n,k,m,t", [(2, 1, 3, 3), (3, 2, 2, 5), (5, 3, 4, 8), (2, 1, 1, 1)])
+def test_step_matchers_equal_a_slow_reference_written_with_loops(n, k, m, t):
+    g = torch.Generator().manual_seed(n * 100 + t)
+    support = torch.randn(n, k, t, 6, generator=g, dtype=torch.float64)
+    queries = torch.randn(m, t, 6, generator=g, dtype=torch.float64)
+
+    def cos(a, b):
+        return float(a @ b / (a.norm() * b.norm()))
+
+    def reduce(name, s):                 # s: Tq x Ts similarity lists
+        if name == "diag":
+            return sum(s[i][i] for i in range(t)) / t
+        if name == "max":
+            return max(max(r) for r in s)
+        if name == "bimhm":
+            return 0.5 * (sum(max(r) for r in s) / t + sum(max(s[i][j] for i in range(t)) for j in range(t)) / t)
+        both = [[1 - x for x in r] for r in s]
+        return -(slow_otam(both, 0.1) + slow_otam([list(c) for c in zip(*both)], 0.1))
+    for name in ("diag", "max", "bimhm", "otam"):
+        opts = {"clips": t, **({"bidirectional": True, "smoothing": 0.1} if name == "otam" else {})}
+        ours = heads.build(name, opts)(support, queries)
+        for q in range(m):
+            for c in range(n):
+                ref = sum(reduce(name, [[cos(queries[q, i], support[c, s, j]) for j in range(t)] for i in range(t)])
+                          for s in range(k)) / k
+                assert ours[q, c].item() == pytest.approx(ref, abs=1e-9), (name, q, c)

@@ -189,14 +189,27 @@ def test_rvn_trains_with_mse(cache, tmp_path):
     assert 0 <= r[0]["best_val"] <= 1 and (tmp_path / "rvn/seed-0/best.pt").exists()
 
 
-def test_nan_loss_stops_with_the_episode_named(tmp_path):
+def test_nan_features_are_refused_naming_the_video_and_a_nan_loss_stops_naming_the_episode(tmp_path, monkeypatch):
+    from pipeline.fewshot import train as train_module
+    from pipeline.fewshot.features import FeatureError
     x = np.random.default_rng(0).normal(size=(6, 4, 3, 768)).astype(np.float32)
-    x[0, 0, 0, 0] = np.nan
-    path = write_cache(tmp_path / "nan.h5", {f"c{i}": x[i] for i in range(6)},
-                       {"c0": "train", "c1": "train", "c2": "val", "c3": "val", "c4": "test", "c5": "test"})
-    with pytest.raises(TrainingError, match=r"episode \d+: loss is nan"):
-        train(path, tmp_path / "run", TrainConfig(head="lstm", head_options={"hidden": 8}, episodes=200, n_way=2, k_shot=1, q_query=1,
-                                                  val_every=100, val_episodes=5, val_query=2), progress=False)
+    parts = {"c0": "train", "c1": "train", "c2": "val", "c3": "val", "c4": "test", "c5": "test"}
+    cfg = TrainConfig(head="lstm", head_options={"hidden": 8}, episodes=200, n_way=2, k_shot=1, q_query=1,
+                      val_every=100, val_episodes=5, val_query=2)
+    bad = x.copy()
+    bad[0, 1, 0, 0] = np.nan
+    with pytest.raises(FeatureError, match=r"non-finite values in the pooled features of 1 video\(s\) of part train \(c0/c0_1\)"):
+        train(write_cache(tmp_path / "nan.h5", {f"c{i}": bad[i] for i in range(6)}, parts), tmp_path / "r1", cfg,
+              progress=False)
+    real, calls = train_module.episode_loss, []
+
+    def diverges_at_episode_7(*a):
+        calls.append(1)
+        return real(*a) * (float("nan") if len(calls) == 7 else 1)
+    monkeypatch.setattr(train_module, "episode_loss", diverges_at_episode_7)
+    with pytest.raises(TrainingError, match=r"episode 7: loss is nan .* Last good checkpoint: none"):
+        train(write_cache(tmp_path / "ok.h5", {f"c{i}": x[i] for i in range(6)}, parts), tmp_path / "r2", cfg,
+              progress=False)
 
 
 def test_eval_refuses_a_cache_with_other_settings(cache, tmp_path):

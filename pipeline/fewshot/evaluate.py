@@ -2,6 +2,7 @@
 accuracy with a 95% confidence interval, computed from per-video work done once."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -99,13 +100,20 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         settings_hash = store.settings_hash
 
     dev = pick_device(device)
+    scored = {}
 
-    def score(head):
-        return episode_accuracies(head.to(dev), feats[head.view], eps, k_shot, device=dev)
+    def score(ck, head=None):
+        """Accuracies of a checkpoint's head; a head identical to one already scored (a parameter-free
+        head's seeds, a best.pt equal to its last.pt) is not scored again."""
+        key = _identity(ck)
+        if key not in scored:
+            head = head or ck.build_head()
+            scored[key] = episode_accuracies(head.to(dev), feats[head.view], eps, k_shot, device=dev)
+        return scored[key]
 
     results, accs = [], []
     for target, ps in zip(targets, paths):
-        acc = np.stack([score(built[p]) for p in ps])                       # (seeds, E)
+        acc = np.stack([score(cks[p], built[p]) for p in ps])                # (seeds, E)
         per_seed = [_seed_record(p, cks[p], a, score) for p, a in zip(ps, acc)]
         first = cks[ps[0]]
         m = over_seeds(acc)
@@ -135,8 +143,17 @@ def _seed_record(path: Path, ck, acc: np.ndarray, score) -> dict:
         lk = checkpoint.load(last)
         curve = (lk.resume or {}).get("curve") or []
         rec.update(last_episode=lk.episode, last_val=curve[-1]["val_accuracy"] if curve else lk.best_val,
-                   last_test=float(score(lk.build_head()).mean()))
+                   last_test=float(score(lk).mean()))
     return rec
+
+
+def _identity(ck) -> str:
+    """What determines a checkpoint's scores: its head, options, head file and weights."""
+    h = hashlib.sha256(json.dumps([ck.head, ck.head_options, ck.head_file], sort_keys=True, default=str).encode())
+    for name, t in sorted(ck.state_dict.items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def compare_to_best(results: list[dict], accs: list[np.ndarray]) -> None:

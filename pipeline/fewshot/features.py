@@ -90,6 +90,8 @@ def load(store: FeatureStore, part: str, view: str, views: int | None = None, bl
         ds = store.f["pooled"] if view == "pooled" else store.steps()
         x = read_runs(ds, starts, lengths)
         first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).reshape(len(sel), nv)
+        finite = np.logical_and.reduceat(np.isfinite(x.reshape(len(x), -1)).all(1), first.ravel())   # per video-view
+        check_finite(store, part, view, v["id"][sel], finite.reshape(len(sel), nv).all(1))
         return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv, first, count)
     if view != "maps":
         raise FeatureError(f"a head reads 'pooled', 'steps' or 'maps', not {view!r}")
@@ -99,12 +101,28 @@ def load(store: FeatureStore, part: str, view: str, views: int | None = None, bl
         chunk = sel[start:start + block]
         lo = int(v["first_row"][chunk[0]])
         hi = int(v["first_row"][chunk[-1]] + v["n_clips"][chunk[-1]] * v["n_views"][chunk[-1]])
-        data = feats[lo:hi]                            # contiguous read of this block's rows
+        try:
+            data = feats[lo:hi]                        # contiguous read of this block's rows
+        except OSError as e:
+            raise FeatureError(f"{store.path}: rows {lo}-{hi - 1} of /features cannot be read ({e}); the file is "
+                               "damaged: extract it again (`pipeline extract ... --overwrite`)") from None
         for j, vid in enumerate(chunk):
             r, c = int(v["first_row"][vid]) - lo, int(v["n_clips"][vid])
-            for view in range(nv):
-                x[start + j, view] = data[r + view * c:r + (view + 1) * c].astype(np.float32).mean(0)
+            for k in range(nv):
+                x[start + j, k] = data[r + k * c:r + (k + 1) * c].astype(np.float32).mean(0)
+    check_finite(store, part, view, v["id"][sel], np.isfinite(x.reshape(len(x), -1)).all(1))
     return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv)
+
+
+def check_finite(store: FeatureStore, part: str, view: str, ids: np.ndarray, ok: np.ndarray) -> None:
+    """A NaN or infinity in a video's features would become a score (argmax over NaN picks class 0):
+    refused, naming the videos."""
+    if ok.all():
+        return
+    bad = ids[~ok]
+    raise FeatureError(f"{store.path}: non-finite values in the {view} features of {len(bad)} video(s) of part "
+                       f"{part} ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): the cache is damaged; "
+                       "extract it again (`pipeline extract ... --overwrite`)")
 
 
 def read_runs(ds, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -117,7 +135,11 @@ def read_runs(ds, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         while j < len(starts) and starts[j] == end:
             end += lengths[j]
             j += 1
-        out[pos:pos + end - starts[i]] = ds[starts[i]:end]
+        try:
+            out[pos:pos + end - starts[i]] = ds[starts[i]:end]
+        except OSError as e:       # e.g. a fletcher32 checksum that does not match: damaged bytes
+            raise FeatureError(f"{ds.file.filename}: rows {starts[i]}-{end - 1} of {ds.name} cannot be read ({e}); "
+                               "the file is damaged: extract it again (`pipeline extract ... --overwrite`)") from None
         pos += end - starts[i]
         i = j
     return out

@@ -1,0 +1,43 @@
+"""Damaged feature values never become scores: NaN rows and damaged bytes are refused, naming what."""
+import h5py
+import numpy as np
+import pytest
+
+from cachegen import order_cache
+from pipeline.fewshot.evaluate import evaluate
+from pipeline.fewshot.features import FeatureError
+from pipeline.fewshot.train import TrainConfig, train
+from pipeline.store import FeatureStore
+
+FAST = dict(n_way=2, k_shot=1, q_query=2, val_every=50, val_episodes=10, val_query=5, episodes=50)
+
+
+def first_row_of(cache, part):
+    with FeatureStore(cache) as st:
+        i = int(np.flatnonzero(st.videos["part"] == part)[3])
+        return st.videos["id"][i], int(st.videos["first_row"][i])
+
+
+@pytest.mark.parametrize("part,dataset", [("test", "pooled"), ("val", "pooled"), ("train", "steps")])
+def test_a_nan_in_one_videos_features_is_refused_naming_it(tmp_path, part, dataset):
+    cache = order_cache(tmp_path / "c.h5")
+    vid, row = first_row_of(cache, part)
+    with h5py.File(cache, "r+") as f:
+        f[dataset][(row + 1, 7) if dataset == "pooled" else (row + 1, 0, 7)] = np.nan
+    opts = {"per_step": True} if dataset == "steps" else {}
+    cfg = TrainConfig(head="otam" if opts else "lstm", head_options=dict(clips=3, **opts), **FAST)
+    with pytest.raises(FeatureError, match=f"non-finite values in the {dataset} features of 1 video.*{vid}"):
+        train(cache, tmp_path / "run", cfg, progress=False)
+        evaluate([tmp_path / "run"], cache, n_way=2, q_query=5, episodes=10, runs=1)
+
+
+def test_damaged_bytes_in_the_pooled_vectors_are_an_error_not_a_number(tmp_path):
+    cache = order_cache(tmp_path / "c.h5")
+    train(cache, tmp_path / "run", TrainConfig(head="mean", **FAST), progress=False)
+    with h5py.File(cache) as f:
+        info = f["pooled"].id.get_chunk_info(0)        # rows 0-255 (train videos come first)
+    with open(cache, "r+b") as raw:
+        raw.seek(info.byte_offset + 1000)
+        raw.write(np.random.default_rng(0).bytes(64))
+    with pytest.raises(FeatureError, match=r"rows 0-\d+ of /pooled cannot be read .*damaged"):
+        train(cache, tmp_path / "again", TrainConfig(head="mean", **FAST), progress=False)
