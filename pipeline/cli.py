@@ -47,23 +47,34 @@ def demo_data(out: Path = typer.Option(Path("data/demo"), help="Folder to write 
     typer.echo(f"demo dataset in {out}: {n} classes x {videos_per_class} videos; split files in {out / 'splits'}")
 
 
+LAYOUT_HELP = "ucf101 | hmdb51 | kinetics | ssv2 | folder (see README: On the real datasets)."
+
+
 @app.command()
-def scan(root: Path = typer.Option(..., help="Dataset root: one folder per class."),
-         split: str = typer.Option(..., help="Split name under configs/splits (arn_ucf101, arn_hmdb51, ...) or a folder."),
-         layout: str = typer.Option("folder", help="ucf101 | hmdb51 | folder."),
-         allow_missing: bool = typer.Option(False, help="Go on when a per-video list names missing videos."),
+def scan(root: Path = typer.Option(..., help="Dataset root: one folder per class (ssv2: the distribution's folder)."),
+         split: str = typer.Option(..., help="Split name under configs/splits (arn_ucf101, cmn_kinetics100, ...) or a folder."),
+         layout: str = typer.Option("folder", help=LAYOUT_HELP),
+         missing_list: Path = typer.Option(Path("missing-videos.txt"), help="Where the ids of listed but missing videos are written (when there are any)."),
          probe_videos: bool = typer.Option(False, "--probe", help="Open every video and report frames, fps and size.")):
-    """Check a dataset against a split and report what was found."""
-    from .extraction.datasets import load_split, resolve, summarize
-    entries, problems = resolve(load_split(split), root, layout, allow_missing)
-    typer.echo(summarize(entries, problems, probe_videos))
+    """Check a dataset against a split: videos per part, listed videos missing per part and class, problems."""
+    from .extraction.datasets import load_split, missing_videos, resolve, summarize
+    sp = load_split(split)
+    entries, problems = resolve(sp, root, layout, allow_missing=True)
+    missing = missing_videos(sp, entries)
+    typer.echo(summarize(entries, [p for p in problems if p[0] != str(root) and "listed by split" not in p[1]],
+                         probe_videos, missing))
+    ids = [v for part in missing.values() for v in part]
+    if ids:
+        missing_list.write_text("\n".join(ids) + "\n")
+        typer.echo(f"{len(ids)} listed video(s) missing; their ids are in {missing_list} (extract needs "
+                   "--allow-missing, which records them in the cache)")
 
 
 @app.command()
 def extract(root: Path = typer.Option(..., help="Dataset root: one folder per class."),
             split: str = typer.Option(..., help="Split name under configs/splits or a split folder."),
             out: Path = typer.Option(..., help="Cache file to write, e.g. cache/ucf101.h5."),
-            layout: str = typer.Option("folder", help="ucf101 | hmdb51 | folder (the demo is a folder layout)."),
+            layout: str = typer.Option("folder", help=LAYOUT_HELP),
             weights: Optional[str] = typer.Option(None, help="MFNet Kinetics-400 checkpoint (MFNet3D_Kinetics-400_72.8.pth). Without it (or empty): random init, demo only."),
             sampling: str = typer.Option("segments", help="segments (paper: T equal segments) | dense (every F-frame window)."),
             clips: int = typer.Option(3, help="segments: clips per video (T)."),
@@ -87,10 +98,10 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             part_size: int = typer.Option(32, help="Videos per crash-safe part file."),
             channels_last: bool = typer.Option(True, help="channels_last_3d memory format for the forward (faster on CPU)."),
             overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
-            allow_missing: bool = typer.Option(False, help="Go on when a per-video list names missing videos.")):
+            allow_missing: bool = typer.Option(False, "--allow-missing/--refuse-missing", help="Go on when a per-video list names missing videos (recorded in the cache's provenance, and reported by eval), or refuse (the default)."),):
     """Stage one: run MFNet over every clip and write the HDF5 feature cache (resumable, shardable)."""
     from .extraction.backbone import Backbone
-    from .extraction.datasets import load_split, resolve
+    from .extraction.datasets import load_split, missing_videos, resolve
     from .extraction.extractor import extract_features
     from .extraction.settings import ExtractSettings
     from .extraction.video import Preprocess, Sampling
@@ -104,7 +115,8 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
     summary = extract_features(entries, out, settings, backbone, batch_size=batch_size, workers=workers,
                                device=device, shard=shard, part_size=part_size, overwrite=overwrite,
                                channels_last=channels_last,
-                               extra_provenance=dict(root=str(root), layout=layout, split=sp.name))
+                               extra_provenance=dict(root=str(root), layout=layout, split=sp.name,
+                                                     missing=missing_videos(sp, entries)))
     if summary["status"] == "up to date":
         typer.echo(f"{summary['path']}: up to date ({summary['videos']} videos), nothing to do")
         return
@@ -243,10 +255,12 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
              accuracies: Optional[Path] = typer.Option(None, help="Also save the (seeds, episodes) accuracies (.npy, one run) for paired comparisons in `pipeline report`.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
     from .errors import ConfigError
-    from .fewshot.evaluate import evaluate, table, write_metrics
+    from .fewshot.evaluate import evaluate, missing_note, table, write_metrics
     results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part,
                             device)
     typer.echo(table(results))
+    if missing_note(results):
+        typer.echo(missing_note(results))
     if accuracies:
         import numpy as np
         accuracies.parent.mkdir(parents=True, exist_ok=True)

@@ -90,7 +90,7 @@ def test_missing_root_and_unknown_layout(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         scan(tmp_path / "nowhere")
     with pytest.raises(DatasetError, match="unknown layout"):
-        scan(tmp_path, "kinetics")
+        scan(tmp_path, "kinetics400")
 
 
 def test_ucf101_naming_is_checked(tmp_path, make_video):

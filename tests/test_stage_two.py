@@ -34,8 +34,13 @@ def test_sampler_draws_every_video_and_role_uniformly():
     assert np.abs(counts / 12000 - expected).max() < 0.02
 
 
-def test_class_with_too_few_videos_is_named():
-    with pytest.raises(EpisodeError, match=r"K\+Q = 16 videos: small \(3 videos\)"):
+def test_classes_with_too_few_videos_are_left_out_with_a_warning_or_refused():
+    with pytest.warns(UserWarning, match=r"1 class\(es\) with fewer than K\+Q = 16 videos left out .*small \(3 videos\)"):
+        s = EpisodeSampler({"small": np.arange(100, 103), "big": np.arange(30), "other": np.arange(30, 50)}, 2, 1, 15)
+    assert s.classes == ["big", "other"] and s.excluded == ["small"]
+    assert set(s.sample(np.random.default_rng(0)).ravel()) <= set(range(50))
+    with pytest.raises(EpisodeError, match=r"need 2 classes with at least K\+Q = 16 videos; 1 of 2 have them "
+                                           r"\(short: small \(3 videos\)\)"):
         EpisodeSampler({"small": np.arange(3), "big": np.arange(30)}, 2, 1, 15)
 
 

@@ -168,6 +168,16 @@ def test_header_that_overstates_frames_samples_existing_frames(make_video, tmp_p
     assert out.indices.max() < out.n_frames
 
 
+def test_header_that_understates_frames_still_samples_the_whole_video(make_video, monkeypatch):
+    from pipeline.extraction import video
+    path = make_video("full.avi", 80)
+    real = video.probe
+    monkeypatch.setattr(video, "probe", lambda p: (30, *real(p)[1:]))      # a container claiming 30 of 80 frames
+    out = read_clips(path, Sampling(clips=3, frames=4), Preprocess(resize=64, crop=32))
+    assert out.header_frames == 30 and out.n_frames == 80
+    assert out.indices.tolist() == Sampling(clips=3, frames=4).indices(80).tolist() and out.indices.max() > 60
+
+
 @pytest.mark.parametrize("content,reason", [(b"", "empty file"), (bytes(range(256)) * 40, "not a readable video")])
 def test_bad_files_name_the_file_and_the_reason(tmp_path, content, reason):
     bad = tmp_path / "bad.avi"

@@ -268,19 +268,19 @@ def probe(path) -> tuple[int, float, int, int]:
         cap.release()
 
 
-def decode_frames(path, wanted: set[int], preprocess: Preprocess, box_for=None):
+def decode_frames(path, wanted: set[int], preprocess: Preprocess, box_for=None, through: int = -1):
     """Decode sequentially, converting and resizing only the `wanted` frames, and of each only the
     region `box_for(height, width)` of the resized frame (whole frames without `box_for`).
 
     Returns ({index: resized RGB region}, number of frames decoded, resized (height, width)). Stops
-    early once every wanted frame is in hand unless it must count the frames; memory is bounded by
-    the wanted frames.
+    once every wanted frame is in hand and frame `through` is decoded (or the video ends); memory is
+    bounded by the wanted frames.
     """
     cap = open_video(path)
     if not cap.isOpened():
         raise VideoError(path, "not a readable video (OpenCV could not open it)")
     out: dict[int, np.ndarray] = {}
-    last = max(wanted) if wanted else -1
+    last = max(max(wanted) if wanted else -1, through)
     i, shape, box = 0, None, None
     try:
         while i <= last:
@@ -327,8 +327,9 @@ def read_clips(path, sampling: Sampling, preprocess: Preprocess, views: int = 1,
 
     View 0 is the center crop; view v >= 1 is a random crop (+ horizontal flip with p = 0.5 when
     `flip`), drawn from a generator seeded by (seed, v, clip) so re-running gives the same crops.
-    If the container header overstates the frame count, the decodable frames are counted and the
-    indices recomputed from that count (a second sequential pass; rare in practice).
+    If the container header overstates or understates the frame count, the decodable frames are
+    counted and the indices recomputed from that count (a second sequential pass; rare in practice).
+    Checking costs decoding the frames after the last wanted one (about a sixth of a video at T=3).
     """
     header, fps, width, height = probe(path)
     n = header
@@ -344,8 +345,10 @@ def read_clips(path, sampling: Sampling, preprocess: Preprocess, views: int = 1,
     def box_for(h, w):
         return crop_box(crops_for(h, w), size)
 
-    frames, decoded, shape = decode_frames(path, set(idx.ravel().tolist()), preprocess, box_for)
-    if len(frames) < len(set(idx.ravel().tolist())):
+    # one frame past the header's count is tried: if it decodes, the header understates (common in
+    # webm) and the frames are counted, so no part of the video is left out of the clips
+    frames, decoded, shape = decode_frames(path, set(idx.ravel().tolist()), preprocess, box_for, through=n)
+    if decoded > n or len(frames) < len(set(idx.ravel().tolist())):
         n = decoded if decoded < n else count_frames(path)
         if n <= 0:
             raise VideoError(path, "no decodable frames (truncated or corrupt)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,17 @@ class EpisodeSampler:
 
     def __init__(self, videos_by_class: dict[str, np.ndarray], n_way: int, k_shot: int, q_query: int):
         need = k_shot + q_query
-        small = [(c, len(v)) for c, v in videos_by_class.items() if len(v) < need]
-        if small:
-            names = ", ".join(f"{c} ({n} videos)" for c, n in small[:5])
-            raise EpisodeError(f"{len(small)} class(es) have fewer than K+Q = {need} videos: {names}")
-        if len(videos_by_class) < n_way:
-            raise EpisodeError(f"{n_way}-way episodes need {n_way} classes, the split has {len(videos_by_class)}")
-        self.classes = sorted(videos_by_class)
+        small = sorted((c, len(v)) for c, v in videos_by_class.items() if len(v) < need)
+        names = ", ".join(f"{c} ({n} videos)" for c, n in small[:5]) + (", ..." if len(small) > 5 else "")
+        usable = len(videos_by_class) - len(small)
+        if usable < n_way:
+            raise EpisodeError(f"{n_way}-way episodes need {n_way} classes with at least K+Q = {need} videos; "
+                               f"{usable} of {len(videos_by_class)} have them" + (f" (short: {names})" if small else ""))
+        if small:     # e.g. videos missing from a download: the class is left out, and said so
+            warnings.warn(f"{len(small)} class(es) with fewer than K+Q = {need} videos left out of the episodes: "
+                          f"{names}", stacklevel=2)
+        self.excluded = [c for c, _ in small]
+        self.classes = sorted(c for c in videos_by_class if c not in self.excluded)
         self.videos = {c: np.asarray(videos_by_class[c]) for c in self.classes}
         self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
 

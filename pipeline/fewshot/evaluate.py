@@ -98,6 +98,7 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
                              episodes * runs, seed)
         settings_hash = store.settings_hash
+        missing = _missing(store.provenance, part)
 
     dev = pick_device(device)
     scored = {}
@@ -121,11 +122,30 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         m.update(run=run_name(target), head=first.head,
                  head_options=first.head_options, loss=first.train_config["loss"] if first.state_dict else "(none)",
                  per_seed=per_seed, cache=str(cache), cache_settings_hash=settings_hash, n_way=n_way, k_shot=k_shot,
-                 q_query=q_query, part=part, seed=seed, train_config=first.train_config)
+                 q_query=q_query, part=part, seed=seed, train_config=first.train_config, missing=missing)
         results.append(m)
         accs.append(acc)
     compare_to_best(results, accs)
     return results, accs
+
+
+def _missing(provenance: dict, part: str) -> dict:
+    """What the cache's split listed but the dataset lacked (`extract --allow-missing`), for this part."""
+    gone = (provenance.get("missing") or {}).get(part, [])
+    classes = sorted({v.rsplit("/", 1)[0] for v in gone})
+    total = sum(len(v) for v in (provenance.get("missing") or {}).values())
+    return dict(videos=len(gone), classes=classes, all_parts=total)
+
+
+def missing_note(results: list[dict]) -> str:
+    """A line under a table when the cache lacks listed videos: numbers then differ from the split's."""
+    m = results[0].get("missing") if results else None
+    if not m or not m["all_parts"]:
+        return ""
+    return (f"Missing from the dataset (extracted with --allow-missing): {m['videos']} listed {results[0]['part']} "
+            f"video(s) in {len(m['classes'])} class(es) ({', '.join(m['classes'][:5])}"
+            f"{', ...' if len(m['classes']) > 5 else ''}), {m['all_parts']} in all parts: compare with published "
+            "numbers on the full split with care.")
 
 
 def summarize_runs(acc: np.ndarray, runs: int) -> dict:

@@ -30,7 +30,12 @@ def describe_cache(path: Path) -> str:
                  f"{s.version}, " + ("per-step view " + str(s.f["steps"].shape[1:]) if "steps" in s.f else
                                      f"no per-step view (`pipeline upgrade {path}` adds it)"),
                  "settings: " + json.dumps(s.settings, sort_keys=True),
-                 "provenance: " + json.dumps(s.provenance, sort_keys=True)]
+                 "provenance: " + json.dumps({k: v for k, v in s.provenance.items() if k != "missing"},
+                                             sort_keys=True)]
+        missing = s.provenance.get("missing") or {}
+        if any(missing.values()):
+            lines.append(f"listed by the split but missing from the dataset: {sum(map(len, missing.values()))} "
+                         f"videos (" + ", ".join(f"{p} {len(v)}" for p, v in missing.items()) + ")")
         ok = v["status"] == "ok"
         for part in ("train", "val", "test"):
             sel = v["part"] == part

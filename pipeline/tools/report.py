@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingFile
-from ..fewshot.evaluate import compare_to_best, run_checkpoints, table
+from ..fewshot.evaluate import compare_to_best, missing_note, run_checkpoints, table
 from ..fewshot.heads import format_options
 
 SWEPT = ("gamma", "margin")
@@ -214,7 +214,8 @@ def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
     if not runs:
         raise MissingFile(f"no metrics JSON in {metrics_dir} (run `pipeline eval --metrics ...`)")
     rows, md = csv_rows(runs), table(runs)
-    (out / "results.md").write_text(md + "\n")
+    note = missing_note(runs)
+    (out / "results.md").write_text(md + "\n" + (f"\n{note}\n" if note else ""))
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
