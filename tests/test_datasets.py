@@ -99,3 +99,16 @@ def test_ucf101_naming_is_checked(tmp_path, make_video):
     found, problems = scan(tmp_path / "u", "ucf101")
     assert len(found["HandstandPushups"]) == 2
     assert [p[0].endswith("clip.avi") for p in problems] == [True]
+
+
+def test_same_stem_folders_and_broken_links_named_like_videos_are_reported(tmp_path, make_video):
+    make_video("d/a/clip.avi", 3)
+    make_video("d/a/clip.mp4", 3, "mp4v")
+    (tmp_path / "d/a/folder.avi").mkdir()
+    (tmp_path / "d/a/gone.avi").symlink_to(tmp_path / "nowhere.avi")
+    found, problems = scan(tmp_path / "d")
+    assert [f.name for f in found["a"]] == ["clip.avi"]
+    why = {p.rsplit("/", 1)[1]: w for p, w in problems}
+    assert "same stem as clip.avi, which is used" in why["clip.mp4"]
+    assert why["folder.avi"] == "named like a video but a folder; skipped"
+    assert why["gone.avi"] == "named like a video but a broken symbolic link; skipped"

@@ -112,6 +112,14 @@ def test_same_settings_from_other_videos_or_part_size_are_refused_not_reused(dat
     assert r.returncode == 2 and "not a feature cache" in r.stderr
 
 
+def test_the_same_extraction_gives_the_same_bytes(dataset, tmp_path):
+    import hashlib
+    for name in ("a.h5", "b.h5"):
+        assert run_cli(dataset, tmp_path / name).returncode == 0
+    a, b = (hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.h5", "b.h5"))
+    assert a == b
+
+
 def test_kill_9_then_resume_gives_the_same_cache(dataset, tmp_path):
     assert run_cli(dataset, tmp_path / "full.h5").returncode == 0
     root, split = dataset

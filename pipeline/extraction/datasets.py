@@ -123,13 +123,22 @@ def scan(root: str | Path, layout: str = "folder") -> tuple[dict[str, list[Path]
         raise DatasetError(f"dataset root {root} does not exist or is not a folder")
     found, problems = {}, []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        vids = []
+        vids, stems = [], {}
         for f in sorted(d.iterdir()):
             if f.name.startswith("."):
+                continue
+            if f.suffix.lower() in VIDEO_EXTENSIONS and not f.is_file():
+                what = "a folder" if f.is_dir() else "a broken symbolic link" if f.is_symlink() else "not a regular file"
+                problems.append((str(f), f"named like a video but {what}; skipped"))
                 continue
             if not f.is_file() or f.suffix.lower() not in VIDEO_EXTENSIONS:
                 problems.append((str(f), f"not a video file (extensions: {' '.join(VIDEO_EXTENSIONS)})"))
                 continue
+            if f.stem in stems:     # a video is named Class/stem: two files cannot both be it
+                problems.append((str(f), f"has the same stem as {stems[f.stem].name}, which is used; this one is "
+                                         "skipped (rename one to keep both)"))
+                continue
+            stems[f.stem] = f
             if layout in NAME_PATTERNS and not NAME_PATTERNS[layout][0].match(f.stem):
                 problems.append((str(f), f"name does not follow {NAME_PATTERNS[layout][1]}; used anyway"))
             vids.append(f)

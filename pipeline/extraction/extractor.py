@@ -17,7 +17,6 @@ import platform
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime, timezone
 from pathlib import Path
 
 import cv2
@@ -166,8 +165,8 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     atomic_write_text(parts_dir / "settings.json", json.dumps(identity, sort_keys=True))
 
     todo = [k for k in mine if not (parts_dir / f"part-{k:06d}.h5").exists()]
-    provenance = dict(backbone.provenance(), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      torch=torch.__version__, h5py=h5py.__version__, numpy=np.__version__,
+    # no creation time: the same extraction gives the same bytes, so DVC sees no change
+    provenance = dict(backbone.provenance(), torch=torch.__version__, h5py=h5py.__version__, numpy=np.__version__,
                       opencv=cv2.__version__, python=platform.python_version(),
                       shard=f"{i}/{n}", **(extra_provenance or {}))
     dev = pick_device(device)

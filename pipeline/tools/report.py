@@ -101,14 +101,15 @@ def similarity_figure(path, feats, encoded, cache, plt):
     panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)
     for ax, (title, sim) in zip(axes[:, 0], panels):
-        cosine = -1 <= sim.min() and sim.max() <= 1        # distances (otam, trx) get their own range
-        im = ax.imshow(sim, aspect="auto", cmap="viridis", vmin=(-1 if sim.min() < 0 else 0) if cosine else None,
-                       vmax=1 if cosine else None)
+        # each panel its own range: raw cosines of frozen features differ in the second decimal,
+        # distances (otam, trx) are negative; a shared range would show them flat
+        im = ax.imshow(sim, aspect="auto", cmap="viridis")
         ax.set_title(title, fontsize=9)
         ax.set_ylabel("support class")
         fig.colorbar(im, ax=ax, fraction=0.02)
     axes[-1, 0].set_xlabel(f"query (15 per class x {n} classes)")
-    fig.suptitle("Scores of queries against support classes, first fixed test episode (5-way 1-shot)")
+    fig.suptitle("Scores of queries against support classes, first fixed test episode (5-way 1-shot); "
+                 "colours scaled per panel")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
