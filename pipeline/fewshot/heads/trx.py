@@ -12,7 +12,9 @@ from . import Head, option, register, show
 from .matching import SequenceOptions
 
 
-MAX_TUPLES = 4096       # per video: beyond this, the keys and values of one episode take gigabytes
+# per video: the attention of one 75-query 5-way episode is 375 x tuples^2 floats per tuple size;
+# at 1,024 tuples (560 of size 3) that is about 0.5 GB a tensor, 2,300 (3 clips x 8 steps) took 16 GB
+MAX_TUPLES = 1024
 
 
 @register("trx")
