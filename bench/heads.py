@@ -5,7 +5,7 @@
 Writes the pooled vectors (maps stored 768x1x1x1 to keep the file small: pooled heads never read
 them) and prints: LSTM training episodes/s (5-way 1-shot, 1 query per class) and the time of the
 paper's 18,000 episodes with both optimizer presets (validation every 250 timed apart), 3 training
-seeds against 1 (the head preset's 2,000 episodes; one after another and in 2 processes), eval time
+seeds against 1 (the head preset's 2,000 episodes), how far stacking seeds into one model could go, eval time
 for 600 x 10 episodes (lstm, mean), rvn eval episodes/s with the split first convolution vs the
 naive per-pair computation (in memory, UCF101 test size), and peak memory (max RSS) after each step.
 Then the matching heads at T = 8 clips on a second UCF101-sized cache of 8 clips per video: training
@@ -170,15 +170,13 @@ def paper_heads(a, tmp):
               f"{a.episodes} episodes in {steps:.1f} s = {steps / 60:.2f} min; {r['val_seconds']:.1f} s more for "
               f"{a.episodes // cfg.val_every} validations (300 episodes) and checkpoints; peak RSS {rss_mb():.0f} MB")
     seconds = {}
-    for seeds, jobs in ((1, 1), (3, 1), (3, 2)):     # one after another in one process, or in 2 processes
+    for seeds in (1, 3):     # training seeds run one after another in one process
         t = time.perf_counter()
-        train(cache, tmp / f"seeds{seeds}_{jobs}", TrainConfig(head="lstm", episodes=a.seed_episodes, seeds=seeds),
-              progress=False, jobs=jobs)
-        seconds[seeds, jobs] = time.perf_counter() - t
-    one = seconds[1, 1]
-    print(f"lstm train, preset head, {a.seed_episodes} episodes: 1 seed {one:.1f} s; 3 seeds one after another "
-          f"{seconds[3, 1]:.1f} s = {seconds[3, 1] / one:.2f}x; 3 seeds in 2 processes (--jobs 2) {seconds[3, 2]:.1f} s "
-          f"= {seconds[3, 2] / one:.2f}x one seed (validation included)")
+        train(cache, tmp / f"seeds{seeds}", TrainConfig(head="lstm", episodes=a.seed_episodes, seeds=seeds),
+              progress=False)
+        seconds[seeds] = time.perf_counter() - t
+    print(f"lstm train, preset head, {a.seed_episodes} episodes: 1 seed {seconds[1]:.1f} s, 3 seeds {seconds[3]:.1f} s "
+          f"= {seconds[3] / seconds[1]:.2f}x one seed (validation included)")
     train(cache, tmp / "mean", TrainConfig(head="mean"), progress=False)
     for name, run in (("lstm", "lstm_head"), ("mean", "mean")):
         evaluate([tmp / run], cache, episodes=600, runs=10)   # first call writes the episode file

@@ -84,7 +84,7 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             resize_mode: str = typer.Option("fixed", help="fixed (resize x resize, the paper) | short (shorter side = resize)."),
             resize: int = typer.Option(256, help="Resize target before cropping."),
             crop: int = typer.Option(112, help="Crop size."),
-            views: int = typer.Option(1, help="Views per clip: 0 = center crop, 1.. = seeded random crop + flip."),
+            views: int = typer.Option(1, help="How many crops per clip (a count): view 0 is the centre crop, views 1..V-1 seeded random crops (+ flip); 1 = the centre crop only."),
             seed: int = typer.Option(0, help="Seed of the random views (and of the random network without --weights)."),
             flip: bool = typer.Option(True, help="Random horizontal flip in views >= 1."),
             layer: str = typer.Option("tail", help="tail (after the final BN+ReLU) | conv5."),
@@ -93,7 +93,7 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             precision: str = typer.Option("fp32", help="Compute precision: fp32 | bf16 | fp16 (autocast; stored dtype unchanged)."),
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
             batch_size: int = typer.Option(8, help="Clips per forward batch (batches span videos)."),
-            workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Decoding threads (0 = decode inline); default: the cores, at most 8."),
+            workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Decoding threads (0 = decode inline); the default is this machine's cores, at most 8."),
             shard: Optional[str] = typer.Option(None, help="i/N: extract only shard i of N (default: from torchrun or a Slurm array)."),
             part_size: int = typer.Option(32, help="Videos per crash-safe part file."),
             channels_last: bool = typer.Option(True, help="channels_last_3d memory format for the forward (faster on CPU)."),
@@ -195,7 +195,6 @@ def train(ctx: typer.Context,
           seeds: int = typer.Option(1, help="Training seeds: seed, seed+1, ... each in OUT/seed-N/ (the presets use 3)."),
           train_views: str = typer.Option("all", help="Cached crops drawn per video per episode: all (centre crop included) | random (only the random crops, views >= 1: the paper's training crop)."),
           device: str = typer.Option("cpu", help="Where the head trains: cpu | cuda | auto (not part of the run's settings)."),
-          jobs: int = typer.Option(1, help="Seeds trained at once on the CPU, in processes sharing its cores (not part of the run's settings)."),
           params: Optional[Path] = typer.Option(None, help="Take the training settings from this params file (e.g. params.yaml) ..."),
           run: Optional[str] = typer.Option(None, help="... entry runs.RUN of it (then no other training option may be given).")):
     """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
@@ -205,7 +204,7 @@ def train(ctx: typer.Context,
     if (params is None) != (run is None):
         raise ConfigError("--params and --run go together")
     if params:
-        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device", "jobs")
+        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device")
                  and ctx.get_parameter_source(n).name == "COMMANDLINE"]
         if given:
             raise ConfigError(f"--run {run} takes its settings from {params}; do not also give "
@@ -215,7 +214,7 @@ def train(ctx: typer.Context,
         cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
                           seed, seeds, train_views)
-    for r in run_train(cache, out, cfg, log=typer.echo, device=device, jobs=jobs):
+    for r in run_train(cache, out, cfg, log=typer.echo, device=device):
         trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"
                    if r["episodes"] else "(no parameters: scored on validation, not trained)")
         typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% {trained}; checkpoint "

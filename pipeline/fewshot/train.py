@@ -130,54 +130,39 @@ def validate(head, feats, episodes: np.ndarray, k_shot: int, device="cpu") -> np
     return acc
 
 
-def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print, device: str = "cpu",
-          jobs: int = 1) -> list[dict]:
+def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print, device: str = "cpu") -> list[dict]:
     """Train `config.head` on the train part of `cache`, once per training seed (config.seed,
     config.seed + 1, ...: `out_dir/seed-N/`), each keeping the checkpoint with the best validation
     accuracy (never test), all on the same fixed validation episodes. A seed resumes from its
     last.pt when that exists and matches the config. `device` (cpu, cuda, auto) is where the head
-    runs, and `jobs` how many seeds train at once on the CPU (processes sharing its cores); neither
-    is part of the config: a run resumes on another device or with other jobs."""
+    runs; it is not part of the config: a run resumes on another device."""
     dev = pick_device(device)
-    if jobs < 1:
-        raise ConfigError(f"jobs must be >= 1, got {jobs}")
     with FeatureStore(cache) as store:   # a missing or unreadable cache fails before anything is created
         if config.train_views == "random" and store.videos["n_views"].max(initial=0) < 2:
             raise ConfigError(f"train_views random: {cache} holds the centre crop only; extract with --views 2 "
                               "or more")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    seeds = range(config.seed, config.seed + config.seeds)
-    jobs = min(jobs, len(seeds)) if dev.type == "cpu" else 1
     with exclusive(out_dir, "run folder"):
-        if jobs == 1:
-            return [_train_seed(cache, out_dir, config, s, progress, log, dev) for s in seeds]
-        from joblib import Parallel, delayed
-        # small heads are bound by per-operation overhead: S processes of fewer threads each use the
-        # cores better than S runs one after another
-        threads = max(1, torch.get_num_threads() // jobs)
-        return Parallel(n_jobs=jobs)(delayed(_train_seed)(cache, out_dir, config, s, False, print, dev, threads)
-                                     for s in seeds)
-
-
-def _train_seed(cache, out_dir: Path, config: TrainConfig, seed: int, progress, log, device, threads=None) -> dict:
-    if threads:
-        torch.set_num_threads(threads)
-    one = replace(config, seed=seed, seeds=1)
-    return dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, device),
-                seed=seed, folder=str(out_dir / f"seed-{seed}"))
+        results = []
+        for seed in range(config.seed, config.seed + config.seeds):
+            one = replace(config, seed=seed, seeds=1)
+            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, dev),
+                                seed=seed, folder=str(out_dir / f"seed-{seed}")))
+        return results
 
 
 def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: bool, log, device) -> dict:
     from tqdm import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     head_file = heads.load_head_file(config.head_file) if config.head_file else None
     head = heads.build(config.head, config.head_options).to(device)
     with FeatureStore(cache) as store:
         tr = load(store, "train", head.view)
         va = load(store, "val", head.view, views=1)
+        with torch.no_grad():        # options the data cannot serve (a sequence too short or too long) fail here
+            head.encode(torch.from_numpy(np.asarray(tr.inputs([0], clips=head.clips), np.float32)).to(device))
+        out_dir.mkdir(parents=True, exist_ok=True)
         val_eps = fixed_episodes(Path(cache), va.ids, va.by_class(), "val", config.n_way, config.k_shot,
                                  config.val_query, config.val_episodes, val_seed)
         cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash,
