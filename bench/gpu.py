@@ -22,11 +22,14 @@ breaks on the device; the run goes on, and exits 1 at the end):
  4. `predict` on the device: a `mean` checkpoint (no training needed) over a small cache of demo
     videos extracted on the CPU, a support folder and a few queries from other demo videos.
  5. LSTM (hidden 512) training and LSTM/mean eval episodes/s on the device vs the CPU on a
-    UCF101-sized synthetic pooled cache held in memory (13,250 videos x 3 clips x 768). The
-    library's training code has no device handling, so the loop is written here, as
-    `train.episode_scores` and `evaluate.episode_accuracies` do it; the library's own
-    `episode_loss` and `episode_accuracies` are checked against it.
+    UCF101-sized synthetic pooled cache held in memory (13,250 videos x 3 clips x 768), with the
+    loop written here as `train.episode_scores` and `evaluate.episode_accuracies` do it; the
+    library's own `episode_loss` and `episode_accuracies` are checked against it.
  6. The peak GPU memory of every step (torch.cuda.max_memory_allocated, reset between steps).
+ 7. The library's own `train` and `evaluate` with `device=` (what `pipeline train/eval --device`
+    run) for `lstm` and the matching head `otam`, over the same synthetic data written as a cache
+    file: training episodes/s, evaluation episodes/s, and the share of episodes whose accuracy is
+    the same on the device as on the CPU.
 """
 from __future__ import annotations
 
@@ -540,6 +543,45 @@ def head_figures(r: Report, p, dev):
                        100.0 * float(np.mean(np.isclose(accs[dev.type], lib))), "%")
 
 
+def library_figures(r: Report, p, dev, tmp: Path):
+    from pipeline.fewshot.evaluate import evaluate
+    from pipeline.fewshot.train import TrainConfig, train
+    from pipeline.store import StoreWriter, VideoResult
+    cache = tmp / "synthetic.h5"
+    with StoreWriter(cache, dict(backbone="MFNet3D", dtype="float32", compression="none", note="synthetic"), {},
+                     (768, 1, 1, 1), frames=2) as w:
+        order = 0
+        for part, (x, labels) in synthetic_pooled(p.split).items():
+            for i, clips in enumerate(x):
+                w.add(VideoResult(f"{part}{labels[i]}/{i}", f"{part}{labels[i]}", part, int(labels[i]), order,
+                                  maps=clips[:, :, None, None, None], pooled=clips,
+                                  frame_indices=np.zeros((3, 2), np.int32), n_views=1, n_frames=10))
+                order += 1
+    devices = [dev] if dev.type == "cpu" else [dev, torch.device("cpu")]
+    for name, opts in (("lstm", {"hidden": 512}), ("otam", {"clips": 3})):
+        accs = {}
+        for d in devices:
+            with r.figure(f"library {name} on {d.type}"):
+                run = tmp / f"lib-{name}-{d.type}"
+                n = p.train_episodes[d.type]
+                small = p.split["val"][1] < 16          # --small: 2 validation videos a class
+                res = train(cache, run, TrainConfig(head=name, head_options=opts, episodes=n, val_every=10 ** 6,
+                                                    val_episodes=20, n_way=2 if small else 5,
+                                                    val_query=1 if small else 15), progress=False, device=d.type)[0]
+                if res["episodes"]:
+                    r.line(f"library train {name} on {d.type}", n / max(res["seconds"] - res["val_seconds"], 1e-9),
+                           "episodes/s", f"{n} episodes, pipeline.fewshot.train.train(device={d.type!r})")
+                t = time.perf_counter()
+                results, acc = evaluate([run], cache, episodes=p.eval_episodes, runs=1, device=d.type)
+                accs[d.type] = acc[0][0]
+                r.line(f"library eval {name} on {d.type}", time.perf_counter() - t, "s",
+                       f"evaluate() of the run: best.pt and last.pt (scored once when identical), "
+                       f"{p.eval_episodes} episodes; accuracy {results[0]['accuracy']:.4f}")
+        if len(accs) == 2 and name == "otam":     # no training: the same episodes must score the same
+            r.line(f"library eval otam, {dev.type} vs cpu, episodes with equal accuracy",
+                   100.0 * float(np.mean(np.isclose(accs[dev.type], accs["cpu"]))), "%")
+
+
 # ---------------------------------------------------------------- main
 
 def main() -> int:
@@ -581,6 +623,8 @@ def main() -> int:
             predict_figure(r, p, dev, entries, tmp)
         with r.step("train and eval"):
             head_figures(r, p, dev)
+        with r.step("library train and eval"):
+            library_figures(r, p, dev, tmp)
     r.line("total time", time.perf_counter() - t0, "s", f"{len(r.failed)} failed")
     if a.out_json:
         Path(a.out_json).parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,10 @@ def test_gpu_bench_on_cpu_prints_every_figure(tmp_path):
         assert value(f"eval {head} on cpu (library episode_accuracies)", "episodes/s") > 0
         assert value(f"eval {head}, cpu vs cpu library, episodes with equal accuracy", "%") == 100
 
+    assert value("library train lstm on cpu", "episodes/s") > 0
+    for head in ("lstm", "otam"):
+        assert value(f"library eval {head} on cpu", "s") > 0
+
     saved = json.loads(js.read_text())
     assert saved["failed"] == [] and set(saved["figures"]) == set(f)
     assert saved["figures"]["train lstm on cpu"]["unit"] == "episodes/s"
