@@ -274,8 +274,12 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
         for si, s in enumerate(stores):
             for vi, o in enumerate(s.videos["order"]):
                 if o in where:
-                    other = stores[where[o][0]].path
-                    raise CacheMismatch(f"video {s.videos['id'][vi]} is in both {other} and {s.path}")
+                    first, fi = stores[where[o][0]], where[o][1]
+                    if first.videos["id"][fi] != s.videos["id"][vi]:
+                        raise CacheMismatch(f"video number {o} is {first.videos['id'][fi]} in {first.path} but "
+                                            f"{s.videos['id'][vi]} in {s.path}: the files were cut from different "
+                                            "video lists and cannot be merged")
+                    raise CacheMismatch(f"video {s.videos['id'][vi]} is in both {first.path} and {s.path}")
                 where[o] = (si, vi)
         if expect_orders is not None:
             missing = sorted(set(expect_orders) - set(where))

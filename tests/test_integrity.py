@@ -41,3 +41,16 @@ def test_damaged_bytes_in_the_pooled_vectors_are_an_error_not_a_number(tmp_path)
         raw.write(np.random.default_rng(0).bytes(64))
     with pytest.raises(FeatureError, match=r"rows 0-\d+ of /pooled cannot be read .*damaged"):
         train(cache, tmp_path / "again", TrainConfig(head="mean", **FAST), progress=False)
+
+
+def test_merging_caches_of_different_video_lists_names_both_videos(tmp_path):
+    from cachegen import write_cache
+    from pipeline.store import CacheMismatch, merge
+    x = np.zeros((2, 3, 768), np.float32)
+    a = write_cache(tmp_path / "a.h5", {"walk": x}, {"walk": "train"})
+    b = write_cache(tmp_path / "b.h5", {"run": x}, {"run": "train"})         # other videos, same order numbers
+    with pytest.raises(CacheMismatch, match=r"video number 0 is walk/walk_0 in .*a.h5 but run/run_0 in .*b.h5: "
+                                            r"the files were cut from different video lists"):
+        merge([a, b], tmp_path / "m.h5")
+    with pytest.raises(CacheMismatch, match=r"video walk/walk_0 is in both"):
+        merge([a, a], tmp_path / "m.h5")
