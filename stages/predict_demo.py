@@ -37,9 +37,12 @@ def main() -> None:
         r["true"] = Path(r["query"]).parent.name
     out["k_shot"] = a.k_shot
     out["correct"] = sum(r.get("predicted") == r["true"] for r in out["results"])
+    # how much of the embedding cache was warm depends on earlier runs: printed, not tracked by DVC
+    history = {k: out.pop(k) for k in ("decoded", "reused_support")}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(a.out, json.dumps(out, indent=1))
-    print(f"{out['correct']}/{len(out['results'])} held-out videos right; predictions in {a.out}")
+    print(f"{out['correct']}/{len(out['results'])} held-out videos right; predictions in {a.out} "
+          f"({history['decoded']} videos decoded, {history['reused_support']} support embeddings reused)")
 
 
 if __name__ == "__main__":
