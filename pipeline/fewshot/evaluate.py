@@ -131,9 +131,10 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
 
 def _missing(provenance: dict, part: str) -> dict:
     """What the cache's split listed but the dataset lacked (`extract --allow-missing`), for this part."""
-    gone = (provenance.get("missing") or {}).get(part, [])
+    missing = provenance.get("missing") or {}
+    gone = missing.get(part, [])
     classes = sorted({v.rsplit("/", 1)[0] for v in gone})
-    total = sum(len(v) for v in (provenance.get("missing") or {}).values())
+    total = sum(map(len, missing.values()))
     return dict(videos=len(gone), classes=classes, all_parts=total)
 
 

@@ -101,17 +101,23 @@ def load(store: FeatureStore, part: str, view: str, views: int | None = None, bl
         chunk = sel[start:start + block]
         lo = int(v["first_row"][chunk[0]])
         hi = int(v["first_row"][chunk[-1]] + v["n_clips"][chunk[-1]] * v["n_views"][chunk[-1]])
-        try:
-            data = feats[lo:hi]                        # contiguous read of this block's rows
-        except OSError as e:
-            raise FeatureError(f"{store.path}: rows {lo}-{hi - 1} of /features cannot be read ({e}); the file is "
-                               "damaged: extract it again (`pipeline extract ... --overwrite`)") from None
+        data = read_rows(feats, lo, hi)                # contiguous read of this block's rows
         for j, vid in enumerate(chunk):
             r, c = int(v["first_row"][vid]) - lo, int(v["n_clips"][vid])
             for k in range(nv):
                 x[start + j, k] = data[r + k * c:r + (k + 1) * c].astype(np.float32).mean(0)
     check_finite(store, part, view, v["id"][sel], np.isfinite(x.reshape(len(x), -1)).all(1))
     return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv)
+
+
+def read_rows(ds, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of an HDF5 dataset; a chunk that cannot be read (a fletcher32 checksum that does
+    not match, lzf that does not decompress: damaged bytes) is an error naming the file and rows."""
+    try:
+        return ds[lo:hi]
+    except OSError as e:
+        raise FeatureError(f"{ds.file.filename}: rows {lo}-{hi - 1} of {ds.name} cannot be read ({e}); the file is "
+                           "damaged: extract it again (`pipeline extract ... --overwrite`)") from None
 
 
 def check_finite(store: FeatureStore, part: str, view: str, ids: np.ndarray, ok: np.ndarray) -> None:
@@ -135,11 +141,7 @@ def read_runs(ds, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         while j < len(starts) and starts[j] == end:
             end += lengths[j]
             j += 1
-        try:
-            out[pos:pos + end - starts[i]] = ds[starts[i]:end]
-        except OSError as e:       # e.g. a fletcher32 checksum that does not match: damaged bytes
-            raise FeatureError(f"{ds.file.filename}: rows {starts[i]}-{end - 1} of {ds.name} cannot be read ({e}); "
-                               "the file is damaged: extract it again (`pipeline extract ... --overwrite`)") from None
+        out[pos:pos + end - starts[i]] = read_rows(ds, starts[i], end)
         pos += end - starts[i]
         i = j
     return out
