@@ -21,25 +21,36 @@ def _root(debug: bool = typer.Option(False, "--debug", envvar="PIPELINE_DEBUG",
 
 
 def main():
-    """Runs a command; an input error (PipelineError) ends as one line naming the file and the
-    reason, with exit code 2."""
+    """Runs a command; an input error (PipelineError) or a bad argument ends as one line naming the
+    file, option or value and the reason, with exit code 2."""
+    from typer._click import exceptions as click   # typer (pinned) vendors its own click
+
     from .errors import PipelineError
     try:
-        app()
-    except PipelineError as e:
+        code = app(standalone_mode=False)
+    except click.NoArgsIsHelpError as e:
+        typer.echo(e.format_message())
+        sys.exit(0)
+    except (PipelineError, click.ClickException) as e:
         if _debug:
             raise
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        message = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        where = f" (see `{e.ctx.command_path} --help`)" if isinstance(e, click.UsageError) and e.ctx else ""
+        typer.secho(f"error: {' '.join(message.split())}{where}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 @app.command("demo-data")
 def demo_data(out: Path = typer.Option(Path("data/demo"), help="Folder to write the dataset to."),
               seed: int = typer.Option(0, help="Random seed: same seed, same videos."),
-              videos_per_class: int = typer.Option(20, help="Videos per class."),
-              min_seconds: float = typer.Option(2.0, help="Shortest video, seconds."),
+              videos_per_class: int = typer.Option(20, min=1, help="Videos per class."),
+              min_seconds: float = typer.Option(2.0, min=0.1, help="Shortest video, seconds."),
               max_seconds: float = typer.Option(6.0, help="Longest video, seconds."),
-              jobs: int = typer.Option(2, help="Parallel writer processes.")):
+              jobs: int = typer.Option(2, min=1, help="Parallel writer processes.")):
     """Generate the embedded synthetic demo dataset (folder-per-class videos + split files)."""
     from .tools.demo_data import generate
     m = generate(out, seed, videos_per_class, (min_seconds, max_seconds), jobs)
@@ -77,14 +88,14 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             layout: str = typer.Option("folder", help=LAYOUT_HELP),
             weights: Optional[str] = typer.Option(None, help="MFNet Kinetics-400 checkpoint (MFNet3D_Kinetics-400_72.8.pth). Without it (or empty): random init, demo only."),
             sampling: str = typer.Option("segments", help="segments (paper: T equal segments) | dense (every F-frame window)."),
-            clips: int = typer.Option(3, help="segments: clips per video (T)."),
-            frames: int = typer.Option(16, help="Frames per clip (F)."),
-            step: int = typer.Option(1, help="dense: frame step inside a window."),
-            stride: Optional[int] = typer.Option(None, help="dense: frames between window starts (default: non-overlapping)."),
+            clips: int = typer.Option(3, min=1, help="segments: clips per video (T)."),
+            frames: int = typer.Option(16, min=1, help="Frames per clip (F)."),
+            step: int = typer.Option(1, min=1, help="dense: frame step inside a window."),
+            stride: Optional[int] = typer.Option(None, min=1, help="dense: frames between window starts (default: non-overlapping)."),
             resize_mode: str = typer.Option("fixed", help="fixed (resize x resize, the paper) | short (shorter side = resize)."),
-            resize: int = typer.Option(256, help="Resize target before cropping."),
-            crop: int = typer.Option(112, help="Crop size."),
-            views: int = typer.Option(1, help="How many crops per clip (a count): view 0 is the centre crop, views 1..V-1 seeded random crops (+ flip); 1 = the centre crop only."),
+            resize: int = typer.Option(256, min=1, help="Resize target before cropping."),
+            crop: int = typer.Option(112, min=1, help="Crop size."),
+            views: int = typer.Option(1, min=1, help="How many crops per clip (a count): view 0 is the centre crop, views 1..V-1 seeded random crops (+ flip); 1 = the centre crop only."),
             seed: int = typer.Option(0, help="Seed of the random views (and of the random network without --weights)."),
             flip: bool = typer.Option(True, help="Random horizontal flip in views >= 1."),
             layer: str = typer.Option("tail", help="tail (after the final BN+ReLU) | conv5."),
@@ -92,10 +103,10 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             compression: str = typer.Option("lzf", help="none | lzf | gzip (with shuffle)."),
             precision: str = typer.Option("fp32", help="Compute precision: fp32 | bf16 | fp16 (autocast; stored dtype unchanged)."),
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
-            batch_size: int = typer.Option(8, help="Clips per forward batch (batches span videos)."),
-            workers: int = typer.Option(min(8, os.cpu_count() or 1), help="Decoding threads (0 = decode inline); the default is this machine's cores, at most 8."),
+            batch_size: int = typer.Option(8, min=1, help="Clips per forward batch (batches span videos)."),
+            workers: int = typer.Option(min(8, os.cpu_count() or 1), min=0, help="Decoding threads (0 = decode inline); the default is this machine's cores, at most 8."),
             shard: Optional[str] = typer.Option(None, help="i/N: extract only shard i of N (default: from torchrun or a Slurm array)."),
-            part_size: int = typer.Option(32, help="Videos per crash-safe part file."),
+            part_size: int = typer.Option(32, min=1, help="Videos per crash-safe part file."),
             channels_last: bool = typer.Option(True, help="channels_last_3d memory format for the forward (faster on CPU)."),
             overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
             allow_missing: bool = typer.Option(False, "--allow-missing/--refuse-missing", help="Go on when a per-video list names missing videos (recorded in the cache's provenance, and reported by eval), or refuse (the default)."),):
@@ -243,36 +254,37 @@ def run_entry(params: Path, run: str) -> dict:
 def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (every seed's best.pt) or checkpoint files; several: a comparison table."),
              cache: Path = typer.Option(..., help="Feature cache the heads were trained on."),
              metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write (one checkpoint) or a folder (several)."),
-             n_way: int = typer.Option(5, help="N-way."),
-             k_shot: Optional[int] = typer.Option(None, help="K-shot (default: the K the checkpoints were trained with)."),
-             q_query: int = typer.Option(15, help="Queries per class."),
-             episodes: int = typer.Option(600, help="Episodes per run."),
-             runs: int = typer.Option(10, help="Runs."),
+             n_way: int = typer.Option(5, min=2, help="N-way."),
+             k_shot: Optional[int] = typer.Option(None, min=1, help="K-shot (default: the K the checkpoints were trained with)."),
+             q_query: int = typer.Option(15, min=1, help="Queries per class."),
+             episodes: int = typer.Option(600, min=1, help="Episodes per run."),
+             runs: int = typer.Option(10, min=1, help="Runs."),
              seed: int = typer.Option(0, help="Seed of the fixed test episodes."),
              part: str = typer.Option("test", help="test | val."),
              device: str = typer.Option("cpu", help="Where the heads run: cpu | cuda | auto."),
-             accuracies: Optional[Path] = typer.Option(None, help="Also save the (seeds, episodes) accuracies (.npy, one run) for paired comparisons in `pipeline report`.")):
+             accuracies: Optional[Path] = typer.Option(None, help="Also save the (seeds, episodes) accuracies (.npy, one run) for paired comparisons in `pipeline report`."),
+             overwrite: bool = typer.Option(False, help="Replace metrics or accuracies files that hold another result.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
     from .errors import ConfigError
-    from .fewshot.evaluate import evaluate, missing_note, table, write_metrics
+    from .fewshot.evaluate import evaluate, missing_note, table, write_accuracies, write_metrics
+    if accuracies and len(checkpoints) > 1:
+        raise ConfigError("--accuracies saves one run's accuracies: give one run folder or checkpoint")
     results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part,
                             device)
     typer.echo(table(results))
     if missing_note(results):
         typer.echo(missing_note(results))
     if accuracies:
-        import numpy as np
-        accuracies.parent.mkdir(parents=True, exist_ok=True)
-        np.save(accuracies, accs[0])
+        write_accuracies(accuracies, accs[0], overwrite)
     if metrics:
         if len(results) == 1:
-            write_metrics(metrics, results[0])
+            write_metrics(metrics, results[0], overwrite)
         else:
             names = [r["run"] for r in results]
             if len(set(names)) < len(names):
-                raise ConfigError(f"--metrics {metrics}: two targets share the run name {names}; evaluate them separately")
+                raise ConfigError(f"--metrics {metrics}: two targets share the name {names}; evaluate them separately")
             for r in results:
-                write_metrics(metrics / f"{r['run']}.json", r)
+                write_metrics(metrics / f"{r['run']}.json", r, overwrite)
 
 
 @app.command()

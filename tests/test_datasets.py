@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from pipeline.extraction.datasets import DatasetError, load_split, resolve, scan
@@ -101,14 +103,26 @@ def test_ucf101_naming_is_checked(tmp_path, make_video):
     assert [p[0].endswith("clip.avi") for p in problems] == [True]
 
 
-def test_same_stem_folders_and_broken_links_named_like_videos_are_reported(tmp_path, make_video):
+def test_folders_fifos_and_broken_links_named_like_videos_get_their_own_reason(tmp_path, make_video):
     make_video("d/a/clip.avi", 3)
-    make_video("d/a/clip.mp4", 3, "mp4v")
     (tmp_path / "d/a/folder.avi").mkdir()
     (tmp_path / "d/a/gone.avi").symlink_to(tmp_path / "nowhere.avi")
+    os.mkfifo(tmp_path / "d/a/pipe.avi")
     found, problems = scan(tmp_path / "d")
     assert [f.name for f in found["a"]] == ["clip.avi"]
     why = {p.rsplit("/", 1)[1]: w for p, w in problems}
-    assert "same stem as clip.avi, which is used" in why["clip.mp4"]
-    assert why["folder.avi"] == "named like a video but a folder; skipped"
-    assert why["gone.avi"] == "named like a video but a broken symbolic link; skipped"
+    assert why == {"folder.avi": "named like a video but a folder; skipped",
+                   "gone.avi": "named like a video but a broken symbolic link; skipped",
+                   "pipe.avi": "named like a video but not a regular file; skipped"}
+
+
+def test_two_files_of_one_video_are_an_error_naming_both(tmp_path, make_video):
+    for c in ("a", "b"):
+        make_video(f"d/{c}/clip.avi", 3)
+    make_video("d/a/clip.mp4", 3, "mp4v")
+    sp = tmp_path / "sp"
+    sp.mkdir()
+    for part, classes in (("train", "a"), ("val", "b"), ("test", "")):
+        (sp / f"{part}_classes.txt").write_text(classes + "\n")
+    with pytest.raises(DatasetError, match=r"1 video\(s\) with more than one file .*a/clip: clip.avi and clip.mp4"):
+        resolve(load_split(sp), tmp_path / "d")

@@ -58,14 +58,14 @@ def test_dvc_repro_runs_then_is_a_no_op_then_reruns_only_train(tmp_path):
     assert "accuracy" in shown and "ci95" in shown
 
 
-def fake_run(metrics, runs, name, head, loss, acc, gamma=128.0, margin=0.4, seed=0, seeds=2):
+def fake_run(metrics, runs, name, head, loss, acc, gamma=128.0, margin=0.4, seed=0, seeds=2, episodes="e0"):
     """Metrics of a run of `seeds` training seeds on 40 shared episodes, as `pipeline eval` writes them."""
     from pipeline.fewshot.metrics import over_seeds
     rng = np.random.default_rng(seed)
     per = (rng.random((seeds, 40)) < acc).astype(float)
     cfg = dict(head=head, head_options={}, loss=loss, gamma=gamma, margin=margin, n_way=5, k_shot=1, seed=0)
     m = dict(over_seeds(per), episodes=40, runs=2, run="", head=head, head_options={}, loss=loss, n_way=5, k_shot=1,
-             q_query=15, part="test", seed=0, train_config=cfg,
+             q_query=15, part="test", seed=0, train_config=cfg, episodes_digest=episodes,
              per_seed=[dict(seed=s, val=0.5, test=float(per[s].mean())) for s in range(seeds)])
     m["run"] = name
     (metrics / f"{name}.json").write_text(json.dumps(m))
@@ -84,6 +84,7 @@ def test_report_on_metrics_fixtures(tmp_path):
     other, other_acc = fake_run(metrics, runs, "b_ce", "lstm", "ce", 0.6, seed=1)
     for i, g in enumerate((32, 64, 256)):
         fake_run(metrics, runs, f"g{g}", "lstm", "circle", 0.5, gamma=g, seed=10 + i)
+    fake_run(metrics, runs, "c_elsewhere", "mean", "ce", 0.5, seed=20, episodes="e1")   # another cache's episodes
     written = report(metrics, runs, None, tmp_path / "out")
     names = {p.name for p in written}
     assert {"results.md", "results.csv", "curves.png", "sweep_gamma.png", "index.md"} <= names
@@ -95,7 +96,9 @@ def test_report_on_metrics_fixtures(tmp_path):
     assert rows["a_best"]["vs_best"] == "best" and rows["b_ce"]["vs_best"] == "a_best"
     d = paired(other_acc, best_acc)
     assert float(rows["b_ce"]["diff"]) == round(100 * d["diff"], 2) and d["seeds"] == 2
+    assert rows["c_elsewhere"]["diff"] == "" and rows["c_elsewhere"]["p_value"] == ""
     md = (tmp_path / "out/results.md").read_text()
+    assert "not compared with a_best: scored on other episodes (e1 vs e0)" in md
     assert f"{100 * d['diff']:+.2f} ± {100 * d['ci95']:.2f}" in md and "training seeds and test episodes" in md
     assert "p = 0 " not in md and "p=0" not in md
     assert "[sweep_gamma.png](sweep_gamma.png)" in (tmp_path / "out/index.md").read_text()

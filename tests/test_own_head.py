@@ -67,7 +67,7 @@ def test_favourite_head_scores_decide_eval_predict_and_report(trained, tmp_path)
     ck = torch.load(run / "seed-0" / "best.pt", weights_only=False)
     assert ck["head_options"] == {"position": 1, "bonus": 5.0} and ck["head_file"]["path"] == str(heads_file)
     metrics = tmp_path / "metrics"
-    r = cli("eval", str(run / "seed-0" / "best.pt"), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
+    r = cli("eval", str(run), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
             "--episodes", "600", "--runs", "10", "--metrics", str(metrics / "fav.json"),
             "--accuracies", str(metrics / "fav.npy"))
     assert r.returncode == 0, r.stderr
@@ -99,7 +99,7 @@ def test_readme_head_runs_end_to_end(trained, tmp_path):
     r = cli("info", str(run / "seed-0" / "best.pt"))
     assert r.returncode == 0 and "dim=32" in r.stdout and str(path) in r.stdout
     metrics = tmp_path / "metrics"
-    r = cli("eval", str(run / "seed-0" / "best.pt"), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
+    r = cli("eval", str(run), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
             "--episodes", "20", "--runs", "2", "--metrics", str(metrics / "euclid.json"))
     assert r.returncode == 0, r.stderr
     assert 0 <= json.loads((metrics / "euclid.json").read_text())["accuracy"] <= 1

@@ -1,6 +1,10 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from conftest import cli, flat_video
+
 
 def test_predicts_an_easily_separable_case_and_reuses_the_support_cache(trained, tmp_path):
     sup = tmp_path / "support"
@@ -54,6 +58,27 @@ def test_error_cases(trained, tmp_path):
     assert "could not be read" in r.stderr
     r = cli("predict", "--checkpoint", ck, "--support", str(sup), "--weights", str(junk), str(sup / "u" / "u.avi"))
     assert r.returncode == 2 and "random-init" in r.stderr
+
+
+def test_a_fifo_a_missing_file_and_a_folder_among_the_queries_do_not_stop_the_good_one(trained, tmp_path):
+    import os
+    sup = tmp_path / "ok"
+    flat_video(sup / "u" / "u.avi", 50)
+    flat_video(sup / "v" / "v.avi", 220)
+    os.mkfifo(sup / "v" / "pipe.avi")          # a support FIFO: skipped by the folder scan
+    q = tmp_path / "q"
+    os.mkfifo(q.mkdir() or q / "pipe.avi")
+    (q / "dir.avi").mkdir()
+    flat_video(q / "good.avi", 215)
+    r = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--checkpoint", str(trained / "run/seed-0/best.pt"),
+                        "--support", str(sup), "--cache-dir", str(tmp_path / "pc"), "--json", str(q / "gone.avi"),
+                        str(q)], capture_output=True, text=True, timeout=120)    # the folder: dir.avi, good, pipe
+    assert r.returncode == 0, r.stderr
+    res = {Path(x["query"]).name: x for x in json.loads(r.stdout)["results"]}
+    assert res["good.avi"]["predicted"] == "v"
+    assert "not a regular file" in res["pipe.avi"]["error"] and "not a regular file" in res["dir.avi"]["error"]
+    assert res["gone.avi"]["error"] == "no such file"
+    assert "pipe.avi: named like a video but not a regular file" in r.stderr
 
 
 def test_info_on_cache_and_checkpoint(trained):

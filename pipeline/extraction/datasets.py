@@ -123,7 +123,7 @@ def scan(root: str | Path, layout: str = "folder") -> tuple[dict[str, list[Path]
         raise DatasetError(f"dataset root {root} does not exist or is not a folder")
     found, problems = {}, []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        vids, stems = [], {}
+        vids = []
         for f in sorted(d.iterdir()):
             if f.name.startswith("."):
                 continue
@@ -134,11 +134,6 @@ def scan(root: str | Path, layout: str = "folder") -> tuple[dict[str, list[Path]
             if not f.is_file() or f.suffix.lower() not in VIDEO_EXTENSIONS:
                 problems.append((str(f), f"not a video file (extensions: {' '.join(VIDEO_EXTENSIONS)})"))
                 continue
-            if f.stem in stems:     # a video is named Class/stem: two files cannot both be it
-                problems.append((str(f), f"has the same stem as {stems[f.stem].name}, which is used; this one is "
-                                         "skipped (rename one to keep both)"))
-                continue
-            stems[f.stem] = f
             if layout in NAME_PATTERNS and not NAME_PATTERNS[layout][0].match(f.stem):
                 problems.append((str(f), f"name does not follow {NAME_PATTERNS[layout][1]}; used anyway"))
             vids.append(f)
@@ -170,17 +165,31 @@ def resolve(split: Split, root, layout: str = "folder", allow_missing: bool = Fa
     if empty:
         raise DatasetError(f"class folder(s) with no video file under {root}: {_listing(empty)}")
     label = {c: i for i, c in enumerate(split.all_classes)}
+    files = {c: {f.stem: f for f in found[c]} for c in split.all_classes}
     entries = []
     for part in PARTS:
-        for c in split.classes[part]:
-            by_stem = {f.stem: f for f in found[c]}
-            if split.videos is None:
-                entries += [VideoEntry(f"{c}/{s}", f, c, part, label[c]) for s, f in by_stem.items()]
-        if split.videos is not None:
-            files = {c: {f.stem: f for f in found[c]} for c in split.classes[part]}
+        if split.videos is None:
+            entries += [VideoEntry(f"{c}/{s}", f, c, part, label[c]) for c in split.classes[part]
+                        for s, f in files[c].items()]
+        else:
             entries += _listed(split, part, root, label, allow_missing, problems,
                                lambda c, stem: files[c].get(stem))
+    _refuse_same_stem(entries, found)
     return entries, problems
+
+
+def _refuse_same_stem(entries: list[VideoEntry], found: dict[str, list[Path]]) -> None:
+    """A video is named Class/stem: two files of one class with that stem (clip.avi, clip.mp4) cannot
+    both be it, and picking one silently would hide the other; an error naming both."""
+    files = {}
+    for c in {e.class_name for e in entries}:
+        for f in found[c]:
+            files.setdefault((c, f.stem), []).append(f.name)
+    twins = [f"{e.id}: " + " and ".join(files[e.class_name, e.path.stem]) for e in entries
+             if len(files[e.class_name, e.path.stem]) > 1]
+    if twins:
+        raise DatasetError(f"{len(twins)} video(s) with more than one file in their class folder (rename or remove "
+                           f"one of each): {_listing(twins)}")
 
 
 def _listed(split: Split, part: str, root, label: dict, allow_missing: bool, problems: list, find) -> list[VideoEntry]:

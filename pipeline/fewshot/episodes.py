@@ -51,6 +51,12 @@ def episode_file(cache: Path, ids, part: str, n_way: int, k_shot: int, q_query: 
     return cache.with_name(cache.stem + ".episodes") / f"{part}-{n_way}w{k_shot}s{q_query}q-{count}-seed{seed}-{digest}.npz"
 
 
+def episodes_digest(ids, episodes: np.ndarray) -> str:
+    """What a set of fixed episodes is, independent of where it is stored: a digest of the video ids
+    of every episode, in order. Two results may be paired only if their digests are equal."""
+    return hashlib.sha256("\n".join(np.asarray(ids)[episodes.ravel()]).encode()).hexdigest()[:16]
+
+
 def fixed_episodes(cache: Path, ids: np.ndarray, videos_by_class: dict, part: str, n_way: int, k_shot: int,
                    q_query: int, count: int, seed: int) -> np.ndarray:
     """The fixed episode list for (part, N, K, Q, count, seed): (count, N, K+Q) indices into `ids`.

@@ -11,11 +11,11 @@ import torch
 
 from ..device import pick_device
 from ..errors import ConfigError, MissingFile
-from ..files import atomic_write_text
+from ..files import atomic_path, atomic_write_text
 from ..store import FeatureStore, check_settings
 from . import checkpoint
 from .heads import format_options
-from .episodes import fixed_episodes
+from .episodes import episodes_digest, fixed_episodes
 from .features import load
 from .metrics import format_p, mean_ci, over_seeds, paired, summarize
 
@@ -67,11 +67,15 @@ def run_checkpoints(target) -> list[Path]:
 
 
 def run_name(target) -> str:
-    """runs/x for runs/x, runs/x/seed-0/best.pt and runs/x/best.pt alike."""
+    """What a result is called (its row and its metrics file): x for a run folder runs/x; a single
+    checkpoint adds where it sits in the run, so that best.pt and last.pt of one seed keep apart:
+    x.seed-0.best for runs/x/seed-0/best.pt, x.last for runs/x/last.pt."""
     t = Path(target)
     if t.is_dir():
         return t.name
-    return t.parent.parent.name if t.parent.name.startswith("seed-") else t.parent.name
+    if t.parent.name.startswith("seed-"):
+        return f"{t.parent.parent.name}.{t.parent.name}.{t.stem}"
+    return f"{t.parent.name}.{t.stem}"
 
 
 def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, runs=10, seed=0,
@@ -81,6 +85,8 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
     (seeds, E) per-episode accuracies. K defaults to the K the checkpoints were trained with (which
     must then agree). Each seed's last.pt, when present, is scored too, so that the effect of
     selecting on validation is visible."""
+    if part not in ("test", "val"):
+        raise ConfigError(f"--part must be test or val, got {part!r} (training classes are not a test)")
     paths = [run_checkpoints(t) for t in targets]
     cks = {p: checkpoint.load(p) for ps in paths for p in ps}
     if k_shot is None:
@@ -98,6 +104,7 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
                              episodes * runs, seed)
         settings_hash = store.settings_hash
+        digest = episodes_digest(any_feats.ids, eps)
         missing = _missing(store.provenance, part)
 
     dev = pick_device(device)
@@ -122,7 +129,8 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         m.update(run=run_name(target), head=first.head,
                  head_options=first.head_options, loss=first.train_config["loss"] if first.state_dict else "(none)",
                  per_seed=per_seed, cache=str(cache), cache_settings_hash=settings_hash, n_way=n_way, k_shot=k_shot,
-                 q_query=q_query, part=part, seed=seed, train_config=first.train_config, missing=missing)
+                 q_query=q_query, part=part, seed=seed, episodes_digest=digest, train_config=first.train_config,
+                 missing=missing)
         results.append(m)
         accs.append(acc)
     compare_to_best(results, accs)
@@ -189,6 +197,13 @@ def compare_to_best(results: list[dict], accs: list[np.ndarray]) -> None:
         if best is r:
             r["vs_best"] = None
             continue
+        mine, theirs = r.get("episodes_digest"), best.get("episodes_digest")
+        if mine is None or theirs is None or mine != theirs:
+            # same protocol, other episodes (another cache's videos, or an older file): not a pair
+            why = ("episodes not recorded (metrics of an earlier version: run `pipeline eval` again)"
+                   if mine is None or theirs is None else f"scored on other episodes ({mine} vs {theirs})")
+            r["vs_best"] = dict(best=best["run"], diff=None, why=why)
+            continue
         if a is None or best_acc is None:
             r["vs_best"] = dict(best=best["run"], diff=None, why="no per-episode accuracies saved")
             continue
@@ -230,7 +245,24 @@ def table(results: list[dict]) -> str:
 def _mean_pct(seeds: list[dict], key: str) -> str:
     values = [s[key] for s in seeds if key in s]
     return f"{100 * float(np.mean(values)):.2f}" if values else "-"
-def write_metrics(path, result: dict) -> None:
+def write_metrics(path, result: dict, overwrite: bool = False) -> None:
+    """The metrics JSON; a file holding another result is replaced only with `overwrite`."""
     path = Path(path)
+    text = json.dumps(result, indent=1)
+    _refuse_other(path, lambda: path.read_text() != text, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=1))
+    atomic_write_text(path, text)
+
+
+def write_accuracies(path, acc: np.ndarray, overwrite: bool = False) -> None:
+    """The (seeds, E) per-episode accuracies (.npy), for paired comparisons; like write_metrics."""
+    path = Path(path)
+    _refuse_other(path, lambda: not np.array_equal(np.load(path), acc), overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, acc)
+
+
+def _refuse_other(path: Path, differs, overwrite: bool) -> None:
+    if path.exists() and not overwrite and differs():
+        raise ConfigError(f"{path} holds another result; pass --overwrite to replace it, or write elsewhere")

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import PipelineError
+from ..errors import ConfigError, PipelineError
 from ..files import atomic_path
 
 
@@ -185,6 +185,8 @@ def generate(out, seed: int = 0, videos_per_class: int = 20, seconds: tuple[floa
     from joblib import Parallel, delayed
     from tqdm import tqdm
 
+    if not 0 < seconds[0] <= seconds[1]:
+        raise ConfigError(f"demo-data: need 0 < --min-seconds <= --max-seconds, got {seconds[0]} and {seconds[1]}")
     out = Path(out)
     manifest = dict(version=VERSION, seed=seed, videos_per_class=videos_per_class, seconds=list(seconds),
                     width=WIDTH, height=HEIGHT, fps=FPS, classes={p: {c: list(s) for c, s in cs.items()}

@@ -20,7 +20,7 @@ from ..extraction.backbone import Backbone, BatchForward
 from ..extraction.datasets import scan
 from ..extraction.mfnet import sha256
 from ..extraction.settings import ExtractSettings
-from ..extraction.video import VIDEO_EXTENSIONS, VideoError, read_clips
+from ..extraction.video import VIDEO_EXTENSIONS, VideoError, read_clips_or_reason
 from ..fewshot import checkpoint
 from ..fewshot.features import segment_picks
 from ..files import atomic_path
@@ -64,14 +64,24 @@ class Embedder:
         return self._model
 
     def __call__(self, path: Path) -> Embedded:
-        digest = sha256(path)
+        path = Path(path)
+        if not path.exists():
+            raise VideoError(path, "no such file")
+        if not path.is_file():      # opening a FIFO or a device would block or read forever
+            raise VideoError(path, "not a regular file (a folder, FIFO or device); only regular files are read")
+        try:
+            digest = sha256(path)
+        except OSError as e:
+            raise VideoError(path, f"cannot be read ({e.strerror or e})") from None
         f = self.dir / f"{digest}.npz"
         if f.exists():
             with np.load(f) as z:
                 if "steps" in z:        # files of the first version lack the per-step view: embedded again
                     return Embedded(z["pooled"], z["steps"], z["maps"], True)
         s = self.settings
-        vc = read_clips(path, s.sampling, s.preprocess, views=1, raw=True)
+        vc, why = read_clips_or_reason(path, s.sampling, s.preprocess, 1, 0, False)
+        if vc is None:
+            raise VideoError(path, why)
         self.decoded += 1
         maps = self.forward()(vc.clips[0])                       # (T, 768, t, h, w)
         e = Embedded(pool_maps(maps), step_maps(maps), maps.mean(0).astype(np.float16), False)
