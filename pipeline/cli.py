@@ -322,10 +322,20 @@ def predict(checkpoint: Path = typer.Option(..., help="A trained head (best.pt).
 
 
 @app.command()
-def info(path: Path = typer.Argument(..., help="A feature cache (.h5) or a checkpoint (.pt).")):
+def info(path: Path = typer.Argument(..., help="A feature cache (.h5) or a checkpoint (.pt)."),
+         verify: bool = typer.Option(False, "--verify", help="Cache: read every stored value and compare it with the digests recorded when it was written (names damaged videos).")):
     """Inspect a cache (provenance, counts, failures, size) or a checkpoint (head, options, training, cache)."""
     from .tools.info import describe
     typer.echo(describe(path))
+    if verify:
+        from .store import CacheError, verify as run_verify
+        checked, problems = run_verify(path)
+        for p in problems:
+            typer.echo(f"  {p}", err=True)
+        if problems:
+            raise CacheError(f"{path}: {len(problems)} problem(s) found by --verify (listed above); extract it again "
+                             "(`pipeline extract ... --overwrite`)")
+        typer.echo(f"verified: the stored values of {checked} videos equal those written")
 
 
 @app.command()

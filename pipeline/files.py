@@ -3,6 +3,7 @@ the same cache, part folder or run folder."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -29,6 +30,15 @@ def atomic_path(path, suffix: str = ""):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256(path, chunk=1 << 20) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (weights, head files, videos)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_text(path, text: str) -> None:

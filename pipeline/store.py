@@ -12,10 +12,18 @@ Layout (every name readable with plain h5py or `h5ls -r`):
   /clips/clip            (n_rows,) int16   position of the clip in its video (temporal order)
   /clips/frame_indices   (n_rows, F) int32 decoded frame indices the clip was built from
   /videos/{id, class_name, part, status, reason}   strings, one per video ("Class/stem", ...)
+  /videos/file_sha256    string, sha256 of the video file the rows were computed from: what
+                         "up to date" and a resumed extraction compare, so a changed file is seen
+  /videos/digest         string, sha256 of the video's stored values (maps as stored, pooled, steps,
+                         frame indices), independent of compression: `pipeline info --verify`
   /videos/{label, order, first_row, n_clips, n_views, n_frames}   integers
   attrs: settings (JSON of everything that determines the features), settings_hash, provenance
-         (JSON: weights sha256, library versions, creation time, ...), format_version (2; format 1
-         lacks /steps and is read as it is, or upgraded in place by `pipeline upgrade CACHE`)
+         (JSON: weights sha256, library versions, root, split, ...), content_digest (sha256 over
+         every video's id, status and digest, in order), format_version (2; format 1 lacks /steps
+         and is read as it is, or upgraded in place by `pipeline upgrade CACHE`)
+
+file_sha256, digest and content_digest came within format 2; caches written before them read them
+as "" (nothing to compare: `pipeline extract --overwrite` writes them).
 
 Rows of one video are contiguous, view-major: row first_row + view * n_clips + clip. A failed video
 has status "failed", a reason, and no rows. `order` is the video's position in the full,
@@ -38,7 +46,7 @@ from .files import atomic_path, exclusive
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)   # 1: before /steps
 STR = h5py.string_dtype("utf-8")
-VIDEO_STR = ("id", "class_name", "part", "status", "reason")
+VIDEO_STR = ("id", "class_name", "part", "status", "reason", "file_sha256", "digest")
 VIDEO_INT = ("label", "order", "first_row", "n_clips", "n_views", "n_frames")
 COMPRESSION = {"none": {}, "lzf": {"compression": "lzf", "shuffle": True},
                "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}}
@@ -100,6 +108,17 @@ class VideoResult:
     n_frames: int = 0
     status: str = "ok"
     reason: str = ""
+    file_sha256: str = ""
+    digest: str = ""                     # given with chunks (copied from the source); else computed
+
+
+def values_digest(maps: np.ndarray, pooled: np.ndarray, steps: np.ndarray, frame_indices: np.ndarray) -> str:
+    """sha256 of one video's stored values, in the stored dtypes: equal data, equal digest, whatever the
+    compression bytes."""
+    h = hashlib.sha256()
+    for a in (maps, pooled, steps, frame_indices):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 class StoreWriter:
@@ -130,6 +149,7 @@ class StoreWriter:
         self.videos = 0
         self._queued: dict[str, list] = {}   # dataset -> arrays not yet written
         self._queued_rows = 0
+        self._content = hashlib.sha256()
 
     def _queue(self, name: str, values) -> None:
         self._queued.setdefault(name, []).append(np.asarray(values))
@@ -155,17 +175,25 @@ class StoreWriter:
             zeros = (0,) * (feats.ndim - 1)
             for i, (mask, data) in enumerate(v.chunks):
                 feats.id.write_direct_chunk((self.rows + i, *zeros), data, mask)
-        elif rows:
-            self._queue("features", v.maps.astype(self.f["features"].dtype, copy=False))
+        digest = v.digest
         if rows:
-            self._queue("pooled", v.pooled.astype(np.float32, copy=False))
-            self._queue("steps", (step_maps(v.maps) if v.steps is None else v.steps).astype(np.float16, copy=False))
+            pooled = v.pooled.astype(np.float32, copy=False)
+            steps = (step_maps(v.maps) if v.steps is None else v.steps).astype(np.float16, copy=False)
+            indices = np.tile(v.frame_indices, (v.n_views, 1)).astype(np.int32, copy=False)
+            if v.chunks is None:
+                maps = v.maps.astype(self.f["features"].dtype, copy=False)
+                self._queue("features", maps)
+                digest = values_digest(maps, pooled, steps, indices)
+            self._queue("pooled", pooled)
+            self._queue("steps", steps)
             self._queue("clips/video", np.full(rows, self.videos, np.int32))
             self._queue("clips/view", np.repeat(np.arange(v.n_views), clips))
             self._queue("clips/clip", np.tile(np.arange(clips), v.n_views))
-            self._queue("clips/frame_indices", np.tile(v.frame_indices, (v.n_views, 1)))
+            self._queue("clips/frame_indices", indices)
         for name in VIDEO_STR:
-            self._queue(f"videos/{name}", np.array([getattr(v, name)], dtype=object))
+            value = digest if name == "digest" else getattr(v, name)
+            self._queue(f"videos/{name}", np.array([value], dtype=object))
+        self._content.update(f"{v.id}\t{v.status}\t{digest}\n".encode())
         ints = dict(label=v.label, order=v.order, first_row=self.rows, n_clips=clips, n_views=v.n_views,
                     n_frames=v.n_frames)
         for name in VIDEO_INT:
@@ -179,6 +207,7 @@ class StoreWriter:
     def close(self) -> None:
         if self.f:
             self.flush()
+            self.f.attrs["content_digest"] = self._content.hexdigest()
             self.f.close()
 
     def __enter__(self):
@@ -207,7 +236,9 @@ class FeatureStore:
         self.settings = json.loads(self.f.attrs["settings"])
         self.settings_hash = self.f.attrs["settings_hash"]
         self.provenance = json.loads(self.f.attrs["provenance"])
-        self.videos = {name: self.f[f"videos/{name}"].asstr()[:] for name in VIDEO_STR}
+        n = self.f["videos/id"].shape[0]
+        self.videos = {name: self.f[f"videos/{name}"].asstr()[:] if f"videos/{name}" in self.f
+                       else np.full(n, "", object) for name in VIDEO_STR}     # older files lack the digests
         self.videos.update({name: self.f[f"videos/{name}"][:] for name in VIDEO_INT})
 
     def __len__(self) -> int:
@@ -253,12 +284,12 @@ def read_settings(path) -> dict | None:
         return None
 
 
-def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
+def merge(inputs, out, settings: dict | None = None, expect: dict[int, str] | None = None) -> int:
     """Join cache files (parts or shards) into `out`, videos sorted by `order`; written to a
     temporary name and renamed, so `out` is either absent or complete. Returns the video count.
 
     All inputs must share the same settings; every video must appear exactly once, and with
-    `expect_orders`, exactly those videos.
+    `expect` (order -> video id), exactly those videos under those numbers.
     """
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -281,10 +312,16 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
                                             "video lists and cannot be merged")
                     raise CacheMismatch(f"video {s.videos['id'][vi]} is in both {first.path} and {s.path}")
                 where[o] = (si, vi)
-        if expect_orders is not None:
-            missing = sorted(set(expect_orders) - set(where))
+        if expect is not None:
+            missing = sorted(set(expect) - set(where))
             if missing:
-                raise CacheMismatch(f"merge: {len(missing)} video(s) missing from the inputs (orders {missing[:5]}...)")
+                raise CacheMismatch(f"merge: {len(missing)} video(s) missing from the inputs ({expect[missing[0]]}, "
+                                    "...)")
+            for o, (si, vi) in where.items():
+                if expect.get(o) != stores[si].videos["id"][vi]:
+                    raise CacheMismatch(f"{stores[si].path} holds {stores[si].videos['id'][vi]} as video number {o}, "
+                                        f"but this extraction's video {o} is {expect.get(o, '(none)')}: the file "
+                                        "belongs to an extraction of other videos")
         first = stores[0]
         with atomic_path(out) as tmp, StoreWriter(tmp, ref, first.provenance, first.f["features"].shape[1:],
                                                   first.f["clips/frame_indices"].shape[1]) as writer:
@@ -293,7 +330,7 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
                 s = stores[si]
                 r = s.videos["first_row"][vi]
                 n = s.videos["n_clips"][vi] * s.videos["n_views"][vi]
-                v = VideoResult(**{k: s.videos[k][vi] for k in ("id", "class_name", "part", "status", "reason")},
+                v = VideoResult(**{k: s.videos[k][vi] for k in VIDEO_STR},
                                 label=int(s.videos["label"][vi]), order=int(o), n_views=int(s.videos["n_views"][vi]),
                                 n_frames=int(s.videos["n_frames"][vi]))
                 if n:
@@ -307,6 +344,46 @@ def merge(inputs, out, settings: dict | None = None, expect_orders=None) -> int:
     finally:
         for s in stores:
             s.close()
+
+
+def verify(path, block: int = 256, progress: bool = True) -> tuple[int, list[str]]:
+    """Reads every stored value and compares each video's digest, and the table's content digest, with
+    those recorded when the cache was written. Returns (videos checked, problems: one line each)."""
+    from tqdm import tqdm
+
+    problems, checked = [], 0
+    with FeatureStore(path) as s:
+        v = s.videos
+        ds = [s.f["features"], s.f["pooled"], s.steps(), s.f["clips/frame_indices"]]   # kept open: chunk caches
+        rows = v["n_clips"] * v["n_views"] * (v["status"] == "ok")
+        table = hashlib.sha256()
+        for lo in tqdm(range(0, len(s), block), unit="block", disable=not progress, desc=f"verify {s.path.name}"):
+            ids = range(lo, min(lo + block, len(s)))
+            first = int(v["first_row"][ids[0]])
+            try:
+                data = [d[first:first + int(rows[ids].sum())] for d in ds]
+            except OSError:
+                data = None                          # read video by video below, to name the damaged ones
+            for i in ids:
+                table.update(f"{v['id'][i]}\t{v['status'][i]}\t{v['digest'][i]}\n".encode())
+                if not rows[i] or not v["digest"][i]:
+                    continue
+                r, n = int(v["first_row"][i]), int(rows[i])
+                try:
+                    values = [d[r:r + n] for d in ds] if data is None else [x[r - first:r - first + n] for x in data]
+                except OSError as e:
+                    problems.append(f"{v['id'][i]}: rows {r}-{r + n - 1} cannot be read ({e})")
+                    continue
+                checked += 1
+                if values_digest(*values) != v["digest"][i]:
+                    problems.append(f"{v['id'][i]}: stored values differ from those written (rows {r}-{r + n - 1})")
+        recorded = s.f.attrs.get("content_digest")
+        if recorded is None:
+            problems.append("no content digest recorded (a cache written before digests: `pipeline extract "
+                            "--overwrite` writes them)")
+        elif table.hexdigest() != recorded:
+            problems.append("the video table (ids, status or digests) differs from the one written")
+    return checked, problems
 
 
 def _create_steps(f: h5py.File, rows: int, map_shape) -> h5py.Dataset:

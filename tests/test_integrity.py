@@ -54,3 +54,19 @@ def test_merging_caches_of_different_video_lists_names_both_videos(tmp_path):
         merge([a, b], tmp_path / "m.h5")
     with pytest.raises(CacheMismatch, match=r"video walk/walk_0 is in both"):
         merge([a, a], tmp_path / "m.h5")
+
+
+def test_a_head_that_scores_nan_is_refused_naming_the_episode(tmp_path):
+    from dataclasses import replace
+
+    from pipeline.fewshot import checkpoint
+    from pipeline.fewshot.evaluate import ScoreError
+    cache = order_cache(tmp_path / "c.h5")
+    train(cache, tmp_path / "run", TrainConfig(head="lstm", head_options=dict(clips=3, hidden=8), **FAST), progress=False)
+    path = tmp_path / "run/seed-0/best.pt"
+    ck = checkpoint.load(path)
+    state = {k: v.clone() for k, v in ck.state_dict.items()}
+    next(iter(state.values()))[0] = float("nan")          # a damaged weight, finite features
+    checkpoint.save(path, replace(ck, state_dict=state))
+    with pytest.raises(ScoreError, match=r"non-finite scores for episode 0 of 10 and 9 more"):
+        evaluate([path], cache, n_way=2, q_query=5, episodes=10, runs=1)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from ..errors import PipelineError
-from .mfnet import MFNet3D, random_mfnet, sha256
+from ..files import sha256
+from .mfnet import MFNet3D, random_mfnet
 from .settings import ExtractSettings
 from .video import normalize_batch
 

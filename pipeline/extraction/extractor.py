@@ -10,7 +10,6 @@ files gives the same file as a single process.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..files import atomic_path, atomic_write_text, exclusive
+from ..files import atomic_path, atomic_write_text, exclusive, sha256
 from ..store import CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps, read_settings
 from ..device import pick_device
 from .backbone import Backbone, BatchForward
@@ -82,8 +81,9 @@ class _Reader:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _compute_part(group, decoded, forward, batch_size, bar):
-    """Features for one part: videos' clips batched across videos, batches confined to the part."""
+def _compute_part(group, decoded, forward, batch_size, bar, dtype):
+    """Features for one part: videos' clips batched across videos, batches confined to the part. A
+    video whose maps are not finite in the stored `dtype` is recorded as failed, not stored."""
     results, queue, outputs = [], [], []
 
     def run(n):
@@ -91,8 +91,8 @@ def _compute_part(group, decoded, forward, batch_size, bar):
         del queue[:n]
         outputs.append(forward(batch))
 
-    for (entry, order), (vc, reason) in zip(group, decoded):
-        r = VideoResult(entry.id, entry.class_name, entry.part, entry.label, order)
+    for (entry, order, source), (vc, reason) in zip(group, decoded):
+        r = VideoResult(entry.id, entry.class_name, entry.part, entry.label, order, file_sha256=source)
         n = 0
         if vc is None:
             r.status, r.reason = "failed", reason
@@ -114,6 +114,12 @@ def _compute_part(group, decoded, forward, batch_size, bar):
             r.maps = maps[pos:pos + n]
             r.pooled = pool_maps(r.maps)
             pos += n
+            with np.errstate(over="ignore"):            # an overflow to inf is what is looked for
+                finite = np.isfinite(r.maps.astype(dtype)).reshape(n, -1).all(1)
+            if not finite.all():     # a NaN stored would become a score later; record why instead
+                r.status, r.maps, r.pooled = "failed", None, None
+                r.reason = (f"the network gave non-finite values (NaN or inf in {dtype}) for clip row(s) "
+                            f"{np.flatnonzero(~finite).tolist()}")
     return [r for r, _ in results]
 
 
@@ -138,28 +144,36 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     indexed = list(zip(entries, range(len(entries))))
     groups = [indexed[k:k + part_size] for k in range(0, len(indexed), part_size)]
     mine = [k for k in range(len(groups)) if k % n == i]
-    videos = [[e.id, e.part, e.label] for k in mine for e, _ in groups[k]]       # this shard's, in order
-    # what the part files are cut from: resuming needs the same settings, videos and part size
-    identity = dict(settings=wanted, part_size=part_size,
-                    videos=hashlib.sha256(json.dumps(videos).encode()).hexdigest())
+    sources = file_digests([e.path for k in mine for e, _ in groups[k]], workers)
+    groups = _with_sources(groups, mine, sources)
+    videos = [[e.id, e.part, e.label, src] for k in mine for e, _, src in groups[k]]   # this shard's, in order
+    # what the part files are cut from: resuming needs the same settings, videos (and files) and part size
+    identity = dict(settings=wanted, part_size=part_size, videos=videos)
     parts_dir = target.with_name(target.name + ".parts")
     fix = "use --overwrite to replace it or choose another --out"
     if target.exists():
         have = read_settings(target)
-        stale = _video_difference(target, videos) if have == wanted else None
-        if have == wanted and not stale:
+        change = describe_change(_cache_videos(target), videos) if have == wanted else None
+        if have == wanted and not change:
             return dict(path=str(target), status="up to date", videos=len(videos))
         if not overwrite:
             check_settings(have, wanted, target, fix)
-            raise CacheMismatch(f"{target} was made with the same settings from other videos ({stale}); {fix}")
+            raise CacheMismatch(f"{target} was made with the same settings from other videos or files ({change}); "
+                                f"{fix}")
         target.unlink()
     if parts_dir.exists():
         have = json.loads((parts_dir / "settings.json").read_text()) if (parts_dir / "settings.json").exists() else {}
         if have != identity:
             if not overwrite:
                 check_settings(have.get("settings"), wanted, parts_dir, fix)
-                raise CacheMismatch(f"{parts_dir} holds the parts of an extraction of other videos or another "
-                                    f"--part-size (it was cut into parts of {have.get('part_size')}); {fix}")
+                if have.get("part_size") != part_size:
+                    raise CacheMismatch(f"{parts_dir} holds the parts of an extraction cut into parts of "
+                                        f"{have.get('part_size')} videos, not {part_size}: resume with --part-size "
+                                        f"{have.get('part_size')}, or {fix}")
+                change = (describe_change(have["videos"], videos) if isinstance(have.get("videos"), list)
+                          else "written by an earlier version")
+                raise CacheMismatch(f"{parts_dir} holds the parts of an extraction of other videos or files "
+                                    f"({change}); {fix}")
             shutil.rmtree(parts_dir)
     parts_dir.mkdir(exist_ok=True)
     atomic_write_text(parts_dir / "settings.json", json.dumps(identity, sort_keys=True))
@@ -182,16 +196,16 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     clips_done = failed = 0
     bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")
     try:
-        nxt = reader.submit([e for e, _ in groups[todo[0]]]) if todo else None
+        nxt = reader.submit([e for e, _, _ in groups[todo[0]]]) if todo else None
         map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
                                      np.uint8)).shape[1:]
         t0 = time.perf_counter()
         for j, k in enumerate(todo):
             decoded = [f.result() for f in nxt]
-            following = [e for e, _ in groups[todo[j + 1]]] if j + 1 < len(todo) else None
+            following = [e for e, _, _ in groups[todo[j + 1]]] if j + 1 < len(todo) else None
             if overlap and following:
                 nxt = reader.submit(following)
-            results = _compute_part(groups[k], decoded, forward, batch_size, bar)
+            results = _compute_part(groups[k], decoded, forward, batch_size, bar, settings.dtype)
             if not overlap and following:
                 nxt = reader.submit(following)
             clips_done += sum(0 if r.maps is None else len(r.maps) for r in results)
@@ -205,7 +219,7 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
         bar.close()
         reader.close()
     seconds = time.perf_counter() - t0
-    expect = [o for k in mine for _, o in groups[k]]
+    expect = {o: e.id for k in mine for e, o, _ in groups[k]}
     count = merge([parts_dir / f"part-{k:06d}.h5" for k in mine], target, wanted, expect)
     shutil.rmtree(parts_dir)
     with FeatureStore(target) as store:
@@ -216,16 +230,42 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 bytes=target.stat().st_size, failures=failures)
 
 
-def _video_difference(path, videos: list) -> str:
-    """'' when the cache at `path` holds exactly `videos` ([id, part, label] in order), else what differs."""
+def file_digests(paths, workers: int) -> list[str]:
+    """sha256 of every video file, `workers` threads at a time (hashlib releases the GIL); about a
+    second per GB per core, small beside decoding the same bytes."""
+    if workers <= 1:
+        return [sha256(p) for p in paths]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(sha256, paths))
+
+
+def _with_sources(groups, mine, sources):
+    """groups of (entry, order) -> (entry, order, file sha256) for this shard's groups."""
+    it, mine = iter(sources), set(mine)
+    return [[(e, o, next(it) if k in mine else "") for e, o in g] for k, g in enumerate(groups)]
+
+
+def _cache_videos(path) -> list:
+    """[id, part, label, file sha256] of every video in the cache at `path`, in order."""
     with FeatureStore(path) as st:
         v = st.videos
-        have = [[a, b, int(c)] for a, b, c in zip(v["id"], v["part"], v["label"])]
-    if have == videos:
+        return [[a, b, int(c), d] for a, b, c, d in zip(v["id"], v["part"], v["label"], v["file_sha256"])]
+
+
+def describe_change(have: list, want: list) -> str:
+    """'' when the two video lists ([id, part, label, file sha256] each) agree, else what changed:
+    videos added, removed, modified (another file's bytes) or moved. A list from a cache written
+    before file digests has "" there: only the ids, parts and labels are compared."""
+    if not any(h[3] for h in have):
+        have, want = [h[:3] for h in have], [w[:3] for w in want]
+    if have == want:
         return ""
-    old, new = {x[0] for x in have}, {x[0] for x in videos}
-    gone, added = sorted(old - new), sorted(new - old)
-    if not gone and not added:
-        return "the same video ids, in another order, part or label"
-    return (f"{len(gone)} of its videos are not in this dataset/split (e.g. {gone[:2]}), "
-            f"{len(added)} of this dataset's are not in it (e.g. {added[:2]})")
+    old, new = {h[0]: h for h in have}, {w[0]: w for w in want}
+    added, removed = [v for v in new if v not in old], [v for v in old if v not in new]
+    both = [v for v in new if v in old]
+    modified = [v for v in both if len(old[v]) > 3 and old[v][3] != new[v][3]]
+    moved = [v for v in both if old[v][1:3] != new[v][1:3]]
+    said = [f"{len(x)} {what} ({', '.join(x[:3])}{', ...' if len(x) > 3 else ''})"
+            for x, what in ((added, "added"), (removed, "removed"), (modified, "modified"),
+                            (moved, "in another part or class")) if x]
+    return "; ".join(said) or "the same videos in another order"

@@ -15,7 +15,6 @@ changes) is added. For a (B, 3, 16, 112, 112) clip the tail gives (B, 768, 8, 4,
 """
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -153,10 +152,3 @@ def random_mfnet(seed: int = 0) -> MFNet3D:
         torch.manual_seed(seed)
         return MFNet3D()
 
-
-def sha256(path, chunk=1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..device import pick_device
-from ..errors import ConfigError, MissingFile
+from ..errors import ConfigError, MissingFile, PipelineError
 from ..files import atomic_path, atomic_write_text
 from ..store import FeatureStore, check_settings
 from . import checkpoint
@@ -20,6 +20,10 @@ from .features import load
 from .metrics import format_p, mean_ci, over_seeds, paired, summarize
 
 ENCODE_BLOCK = 4096   # videos encoded per call: memory stays bounded for map heads
+
+
+class ScoreError(PipelineError):
+    pass
 
 
 @torch.no_grad()
@@ -45,8 +49,19 @@ def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: in
         ep = torch.from_numpy(episodes[s:s + step]).to(device)
         support, queries = z[ep[:, :, :k_shot]], zq[ep[:, :, k_shot:].flatten(1, 2)]    # (b, N, K, ...), (b, N*Q, ...)
         scores = head.scores(support, queries) if head.batched else head.scores(support[0], queries[0])[None]
+        check_scores(scores, lambda i: f"episode {s + i} of {e}")
         acc.append((scores.argmax(-1) == target).float().mean(-1))                  # scores (b, N*Q, N)
     return torch.cat(acc).cpu().numpy()
+
+
+def check_scores(scores: torch.Tensor, where) -> None:
+    """Scores (b, ...) from a head: a NaN would become an accuracy (argmax picks class 0), so it is an
+    error naming where (`where(i)` describes batch item i)."""
+    bad = ~torch.isfinite(scores).flatten(1).all(1)
+    if bad.any():
+        raise ScoreError(f"the head gave non-finite scores for {where(int(bad.nonzero()[0]))}"
+                        f"{f' and {int(bad.sum()) - 1} more' if bad.sum() > 1 else ''}: the features are finite, so "
+                        "the head's computation is at fault (its weights, or a division by zero)")
 
 
 def check_cache(ck, store: FeatureStore, path) -> None:

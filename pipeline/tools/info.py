@@ -51,4 +51,7 @@ def describe_cache(path: Path) -> str:
             lines.append(f"{len(fails)} failed video(s):")
             lines += [f"  {vid}: {why}" for vid, why in fails]
         lines.append(f"views per video: {int(np.max(v['n_views']))}")
+        digest = s.f.attrs.get("content_digest")
+        lines.append(f"content digest {digest[:16]}... (`--verify` checks every stored value against the digests)"
+                     if digest else "no digests (written before they were recorded): cannot be verified")
     return "\n".join(lines)

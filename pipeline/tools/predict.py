@@ -18,12 +18,12 @@ from ..errors import PipelineError
 from ..device import pick_device
 from ..extraction.backbone import Backbone, BatchForward
 from ..extraction.datasets import scan
-from ..extraction.mfnet import sha256
 from ..extraction.settings import ExtractSettings
 from ..extraction.video import VIDEO_EXTENSIONS, VideoError, read_clips_or_reason
 from ..fewshot import checkpoint
+from ..fewshot.evaluate import check_scores
 from ..fewshot.features import segment_picks
-from ..files import atomic_path
+from ..files import atomic_path, sha256
 from ..store import pool_maps, settings_hash, step_maps
 
 
@@ -142,6 +142,7 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
             results.append(dict(query=str(q), error=err.reason))
             continue
         sims = class_scores(head.as_query(head.encode(e.features(head)[None])))
+        check_scores(sims[None], lambda _: f"query {q}")
         order = torch.argsort(sims, descending=True)
         results.append(dict(query=str(q), predicted=classes[order[0]],
                             margin=float(sims[order[0]] - sims[order[1]]),

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingFile
-from ..fewshot.evaluate import compare_to_best, missing_note, run_checkpoints, table
+from ..fewshot.evaluate import check_scores, compare_to_best, missing_note, run_checkpoints, table
 from ..fewshot.heads import format_options
 
 SWEPT = ("gamma", "margin")
@@ -97,6 +97,7 @@ def similarity_figure(path, feats, encoded, cache, plt):
     with torch.no_grad():
         for r, head, z in encoded:
             scores = head.scores(z[ep[:, :1]], head.as_query(z[ep[:, 1:].reshape(-1)]))   # (N*Q, N), 1-shot
+            check_scores(scores[None], lambda _: f"the first test episode ({r['run']})")
             panels.append((f"{r['run']} ({r['head']}, {r['loss']})", scores.T.numpy()))
     panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)

@@ -32,7 +32,6 @@ types, and stored in checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import importlib.util
 import pkgutil
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError, MissingFile
+from ...files import sha256
 
 HEADS: dict[str, type] = {}
 CONSUMES = ("pooled", "maps")
@@ -226,17 +226,13 @@ def show(v) -> str:
     return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
-def file_sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_head_file(path) -> dict:
     """Imports a user's file of heads (its `@register` lines add them) and returns what a
     checkpoint records of it: the resolved path and the sha256 of its bytes."""
     path = Path(path).resolve()
     if not path.is_file():
         raise MissingFile(f"head file {path} does not exist")
-    digest = file_sha256(path)
+    digest = sha256(path)
     module = f"pipeline_user_heads_{digest[:16]}"
     if module not in sys.modules:
         spec = importlib.util.spec_from_file_location(module, path)

@@ -1,0 +1,154 @@
+"""A cache is its settings and the videos' files: a changed dataset is never resumed into, called up to
+date or mixed in; stored values are checked against digests written with them."""
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import cli, write_video
+from pipeline.extraction import extractor
+from pipeline.extraction.backbone import Backbone
+from pipeline.extraction.datasets import load_split, resolve
+from pipeline.extraction.extractor import describe_change, extract_features
+from pipeline.extraction.settings import ExtractSettings
+from pipeline.extraction.video import Preprocess, Sampling
+from pipeline.store import CacheMismatch, FeatureStore, verify
+
+SETTINGS = ExtractSettings(Sampling(clips=2, frames=4), Preprocess(resize=40, crop=32))
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    for ci, c in enumerate("abcd"):
+        for i in range(3):
+            write_video(root / c / f"{c}_{i}.avi", 20 + 5 * i + ci)
+    split = tmp_path / "split"
+    split.mkdir()
+    for part, cs in (("train", "ab"), ("val", "c"), ("test", "d")):
+        (split / f"{part}_classes.txt").write_text("\n".join(cs) + "\n")
+    return root, split
+
+
+def extract(data, out, **kw):
+    root, split = data
+    entries, _ = resolve(load_split(split), root)
+    return extract_features(entries, out, SETTINGS, Backbone.load(None, 0), batch_size=3, workers=0,
+                            progress=False, **dict(dict(part_size=2), **kw))
+
+
+def interrupted(data, out, monkeypatch, after=1):
+    """An extraction stopped (as by Ctrl-C) after `after` part files were written."""
+    real, calls = extractor._compute_part, []
+
+    def stop(*a):
+        if len(calls) == after:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a)
+    monkeypatch.setattr(extractor, "_compute_part", stop)
+    with pytest.raises(KeyboardInterrupt):
+        extract(data, out)
+    monkeypatch.setattr(extractor, "_compute_part", real)
+
+
+@pytest.mark.filterwarnings("ignore:no --weights")
+def test_resume_after_a_video_was_added_is_refused_naming_it_then_every_video_is_there_once(data, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    interrupted(data, out, monkeypatch)
+    assert len(list((tmp_path / "c.h5.parts").glob("part-*.h5"))) == 1
+    write_video(data[0] / "a" / "a_new.avi", 30)
+    with pytest.raises(CacheMismatch, match=r"other videos or files \(1 added \(a/a_new\)\).*--overwrite"):
+        extract(data, out)
+    assert extract(data, out, overwrite=True)["status"] == "written"
+    with FeatureStore(out) as st:
+        ids = list(st.videos["id"])
+    assert len(ids) == len(set(ids)) == 13 and "a/a_new" in ids
+
+
+@pytest.mark.filterwarnings("ignore:no --weights")
+def test_resume_with_another_part_size_says_which_to_use(data, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    interrupted(data, out, monkeypatch)
+    with pytest.raises(CacheMismatch, match="cut into parts of 2 videos, not 3: resume with --part-size 2"):
+        extract(data, out, part_size=3)
+    assert extract(data, out, part_size=2)["resumed_parts"] == 1
+
+
+@pytest.mark.filterwarnings("ignore:no --weights")
+def test_a_modified_file_is_not_up_to_date_and_an_unchanged_dataset_is(data, tmp_path):
+    out = tmp_path / "c.h5"
+    extract(data, out)
+    assert extract(data, out)["status"] == "up to date"
+    write_video(data[0] / "b" / "b_1.avi", 33, size=(60, 40))          # same name, other bytes
+    with pytest.raises(CacheMismatch, match=r"1 modified \(b/b_1\)"):
+        extract(data, out)
+    other = tmp_path / "copy"                                          # same ids under another root: up to date
+    shutil.copytree(data[0], other)
+    assert extract((other, data[1]), tmp_path / "d.h5")["status"] == "written"
+    assert extract((other, data[1]), tmp_path / "d.h5")["status"] == "up to date"
+
+
+def test_describe_change_lists_added_removed_modified_and_moved():
+    have = [["a/1", "train", 0, "x"], ["a/2", "train", 0, "y"], ["b/1", "val", 1, "z"]]
+    assert describe_change(have, have) == ""
+    want = [["a/1", "train", 0, "x"], ["a/2", "train", 0, "Y"], ["b/1", "test", 1, "z"], ["b/9", "test", 1, "w"]]
+    assert describe_change(have, want) == "1 added (b/9); 1 modified (a/2); 1 in another part or class (b/1)"
+    old = [h[:3] + [""] for h in have]                                  # a cache written before file digests
+    assert describe_change(old, [w[:3] + ["new"] for w in have]) == ""
+
+
+def test_a_clip_whose_maps_are_not_finite_is_recorded_as_failed():
+    from tqdm import tqdm
+
+    from pipeline.extraction.datasets import VideoEntry
+    from pipeline.extraction.video import VideoClips
+
+    def forward(batch):                       # the third video overflows float16
+        out = np.ones((len(batch), 768, 1, 1, 1), np.float32)
+        out[batch[:, 0, 0, 0, 0] == 2] = 1e6
+        return out
+
+    group, decoded = [], []
+    for k in range(3):
+        clips = np.full((1, 2, 4, 8, 8, 3), k, np.uint8)
+        group.append((VideoEntry(f"a/{k}", None, "a", "train", 0), k, "sha"))
+        decoded.append((VideoClips(clips, np.zeros((2, 4), np.int64), 10, 10, 25.0, (8, 8)), ""))
+    results = extractor._compute_part(group, decoded, forward, 4, tqdm(disable=True), "float16")
+    assert [r.status for r in results] == ["ok", "ok", "failed"]
+    assert results[2].maps is None and "non-finite values (NaN or inf in float16) for clip row(s) [0, 1]" in \
+        results[2].reason
+
+
+@pytest.mark.filterwarnings("ignore:no --weights")
+def test_verify_names_a_video_whose_values_changed_or_whose_bytes_are_damaged(data, tmp_path):
+    out = tmp_path / "c.h5"
+    extract(data, out)
+    checked, problems = verify(out, progress=False)
+    assert checked == 12 and problems == []
+    r = cli("info", str(out), "--verify")
+    assert r.returncode == 0 and "verified: the stored values of 12 videos equal those written" in r.stdout
+    with FeatureStore(out) as st:
+        i = list(st.videos["id"]).index("c/c_1")
+        row = int(st.videos["first_row"][i])
+    with h5py.File(out, "r+") as f:
+        f["features"][row + 1] = f["features"][row + 1] + np.float16(0.5)   # valid bytes, other values
+    _, problems = verify(out, progress=False)
+    assert problems == [f"c/c_1: stored values differ from those written (rows {row}-{row + 1})"]
+    with h5py.File(out) as f:
+        info = f["features"].id.get_chunk_info(0)
+    with open(out, "r+b") as raw:                                        # damaged lzf bytes of the first row
+        raw.seek(info.byte_offset)
+        raw.write(b"\xff" * info.size)
+    r = cli("info", str(out), "--verify")
+    assert r.returncode == 2 and "a/a_0: rows 0-1 cannot be read" in r.stderr and "2 problem(s)" in r.stderr
+
+
+def test_merge_refuses_a_part_that_holds_another_video_under_a_number(tmp_path):
+    from cachegen import write_cache
+    from pipeline.store import merge
+    a = write_cache(tmp_path / "a.h5", {"walk": np.zeros((2, 3, 768), np.float32)}, {"walk": "train"})
+    with pytest.raises(CacheMismatch, match=r"holds walk/walk_1 as video number 1, but this extraction's video 1 "
+                                            r"is walk/walk_9"):
+        merge([a], tmp_path / "m.h5", expect={0: "walk/walk_0", 1: "walk/walk_9"})
