@@ -130,6 +130,9 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
                                                      missing=missing_videos(sp, entries)))
     if summary["status"] == "up to date":
         typer.echo(f"{summary['path']}: up to date ({summary['videos']} videos), nothing to do")
+        if not summary["files_compared"]:
+            typer.echo("  (written before caches recorded their files' sha256: only the video ids were compared; "
+                       "--overwrite extracts it again with them)", err=True)
         return
     typer.echo(f"{summary['path']}: {summary['videos']} videos, {summary['clips']} clip rows, "
                f"{summary['bytes'] / 1e6:.1f} MB; computed {summary['computed_clips']} clips in "

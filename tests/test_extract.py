@@ -117,7 +117,19 @@ def test_the_same_extraction_gives_the_same_bytes(dataset, tmp_path):
     for name in ("a.h5", "b.h5"):
         assert run_cli(dataset, tmp_path / name).returncode == 0
     a, b = (hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() for n in ("a.h5", "b.h5"))
-    assert a == b
+    assert a == b, differences(tmp_path / "a.h5", tmp_path / "b.h5")
+
+
+def differences(a, b) -> str:
+    """Which attributes and datasets of two cache files differ, and at which bytes the files do."""
+    out = []
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        out += [f"attr {k}" for k in fa.attrs if fa.attrs[k] != fb.attrs.get(k)]
+        fa.visititems(lambda name, obj: out.append(f"dataset {name}") if isinstance(obj, h5py.Dataset)
+                      and not np.array_equal(obj[()], fb[name][()]) else None)
+    x, y = np.fromfile(a, np.uint8), np.fromfile(b, np.uint8)
+    at = np.flatnonzero(x[:min(len(x), len(y))] != y[:min(len(x), len(y))])
+    return f"sizes {len(x)} {len(y)}; {out or 'same values'}; {len(at)} bytes differ, from offset {at[:5].tolist()}"
 
 
 def test_kill_9_then_resume_gives_the_same_cache(dataset, tmp_path):

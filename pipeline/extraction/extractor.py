@@ -153,9 +153,11 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     fix = "use --overwrite to replace it or choose another --out"
     if target.exists():
         have = read_settings(target)
-        change = describe_change(_cache_videos(target), videos) if have == wanted else None
+        held = _cache_videos(target) if have == wanted else None
+        change = describe_change(held, videos) if held is not None else None
         if have == wanted and not change:
-            return dict(path=str(target), status="up to date", videos=len(videos))
+            return dict(path=str(target), status="up to date", videos=len(videos),
+                        files_compared=any(h[3] for h in held))
         if not overwrite:
             check_settings(have, wanted, target, fix)
             raise CacheMismatch(f"{target} was made with the same settings from other videos or files ({change}); "
