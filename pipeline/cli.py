@@ -209,6 +209,7 @@ def train(ctx: typer.Context,
           seeds: int = typer.Option(1, help="Training seeds: seed, seed+1, ... each in OUT/seed-N/ (the presets use 3)."),
           train_views: str = typer.Option("all", help="Cached crops drawn per video per episode: all (centre crop included) | random (only the random crops, views >= 1: the paper's training crop)."),
           device: str = typer.Option("cpu", help="Where the head trains: cpu | cuda | auto (not part of the run's settings)."),
+          drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Leave out videos whose cached features hold a NaN or infinity (named, and recorded in the checkpoint) instead of stopping."),
           params: Optional[Path] = typer.Option(None, help="Take the training settings from this params file (e.g. params.yaml) ..."),
           run: Optional[str] = typer.Option(None, help="... entry runs.RUN of it (then no other training option may be given).")):
     """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
@@ -218,7 +219,7 @@ def train(ctx: typer.Context,
     if (params is None) != (run is None):
         raise ConfigError("--params and --run go together")
     if params:
-        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device")
+        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device", "drop_nonfinite")
                  and ctx.get_parameter_source(n).name == "COMMANDLINE"]
         if given:
             raise ConfigError(f"--run {run} takes its settings from {params}; do not also give "
@@ -228,7 +229,7 @@ def train(ctx: typer.Context,
         cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
                           seed, seeds, train_views)
-    for r in run_train(cache, out, cfg, log=typer.echo, device=device):
+    for r in run_train(cache, out, cfg, log=typer.echo, device=device, drop_nonfinite=drop_nonfinite):
         trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"
                    if r["episodes"] else "(no parameters: scored on validation, not trained)")
         typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% {trained}; checkpoint "
@@ -265,18 +266,20 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
              seed: int = typer.Option(0, help="Seed of the fixed test episodes."),
              part: str = typer.Option("test", help="test | val."),
              device: str = typer.Option("cpu", help="Where the heads run: cpu | cuda | auto."),
+             drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Leave out test videos whose cached features hold a NaN or infinity (listed under the table and in the metrics) instead of stopping."),
              accuracies: Optional[Path] = typer.Option(None, help="Also save the (seeds, episodes) accuracies (.npy, one run) for paired comparisons in `pipeline report`."),
              overwrite: bool = typer.Option(False, help="Replace metrics or accuracies files that hold another result.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
     from .errors import ConfigError
-    from .fewshot.evaluate import evaluate, missing_note, table, write_accuracies, write_metrics
+    from .fewshot.evaluate import dropped_note, evaluate, missing_note, table, write_accuracies, write_metrics
     if accuracies and len(checkpoints) > 1:
         raise ConfigError("--accuracies saves one run's accuracies: give one run folder or checkpoint")
     results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part,
-                            device)
+                            device, drop_nonfinite)
     typer.echo(table(results))
-    if missing_note(results):
-        typer.echo(missing_note(results))
+    for note in (missing_note(results), dropped_note(results)):
+        if note:
+            typer.echo(note)
     if accuracies:
         write_accuracies(accuracies, accs[0], overwrite)
     if metrics:

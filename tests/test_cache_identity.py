@@ -159,3 +159,15 @@ def test_merge_refuses_a_part_that_holds_another_video_under_a_number(tmp_path):
     with pytest.raises(CacheMismatch, match=r"holds walk/walk_1 as video number 1, but this extraction's video 1 "
                                             r"is walk/walk_9"):
         merge([a], tmp_path / "m.h5", expect={0: "walk/walk_0", 1: "walk/walk_9"})
+
+
+def test_an_unreadable_file_gets_no_digest_and_is_left_to_decoding_to_record(tmp_path, monkeypatch):
+    good = write_video(tmp_path / "a.avi", 5)
+
+    def sha256(p):
+        if p.name == "b.avi":
+            raise PermissionError(13, "Permission denied")
+        return "x"
+    monkeypatch.setattr(extractor, "sha256", sha256)
+    for workers in (0, 2):
+        assert extractor.file_digests([good, tmp_path / "b.avi"], workers) == ["x", ""]

@@ -70,3 +70,34 @@ def test_a_head_that_scores_nan_is_refused_naming_the_episode(tmp_path):
     checkpoint.save(path, replace(ck, state_dict=state))
     with pytest.raises(ScoreError, match=r"non-finite scores for episode 0 of 10 and 9 more"):
         evaluate([path], cache, n_way=2, q_query=5, episodes=10, runs=1)
+
+
+def test_drop_nonfinite_leaves_the_damaged_videos_out_and_records_them(tmp_path):
+    from pipeline.fewshot import checkpoint
+    cache = order_cache(tmp_path / "c.h5")
+    bad = {}
+    for part in ("train", "test"):
+        vid, row = first_row_of(cache, part)
+        bad[part] = vid
+        with h5py.File(cache, "r+") as f:
+            f["pooled"][row, 3] = np.inf
+    cfg = TrainConfig(head="lstm", head_options=dict(clips=3, hidden=8), **FAST)
+    logged = []
+    train(cache, tmp_path / "run", cfg, progress=False, drop_nonfinite=True, log=logged.append)
+    assert checkpoint.load(tmp_path / "run/seed-0/best.pt").cache["dropped"] == {"train": [bad["train"]]}
+    assert any(bad["train"] in line and "left out of train" in line for line in logged)
+    results, _ = evaluate([tmp_path / "run"], cache, n_way=2, q_query=5, episodes=10, runs=1, drop_nonfinite=True)
+    assert results[0]["dropped"] == [bad["test"]]
+    from pipeline.fewshot.evaluate import dropped_note
+    assert dropped_note(results) == (f"run: 1 test video(s) left out for non-finite features (--drop-nonfinite: "
+                                     f"{bad['test']}); its episodes were drawn without them")
+
+
+def test_a_cache_replaced_under_the_same_name_gets_fresh_episodes(tmp_path):
+    cache = order_cache(tmp_path / "c.h5")
+    train(cache, tmp_path / "run", TrainConfig(head="mean", head_options=dict(clips=3), **FAST), progress=False)
+    first, _ = evaluate([tmp_path / "run"], cache, n_way=2, q_query=5, episodes=10, runs=1)
+    order_cache(cache, videos=18)                          # same name and settings, other videos
+    again, _ = evaluate([tmp_path / "run"], cache, n_way=2, q_query=5, episodes=10, runs=1)
+    assert first[0]["episodes_digest"] != again[0]["episodes_digest"]
+    assert len(list((tmp_path / "c.episodes").glob("test-*.npz"))) == 2     # the old file is not reused

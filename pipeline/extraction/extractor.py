@@ -234,11 +234,17 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
 
 def file_digests(paths, workers: int) -> list[str]:
     """sha256 of every video file, `workers` threads at a time (hashlib releases the GIL); about a
-    second per GB per core, small beside decoding the same bytes."""
+    second per GB per core, small beside decoding the same bytes. An unreadable file gets "": its
+    decoding fails next and records why."""
+    def digest(p):
+        try:
+            return sha256(p)
+        except OSError:
+            return ""
     if workers <= 1:
-        return [sha256(p) for p in paths]
+        return [digest(p) for p in paths]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(sha256, paths))
+        return list(pool.map(digest, paths))
 
 
 def _with_sources(groups, mine, sources):

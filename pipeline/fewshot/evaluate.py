@@ -94,12 +94,13 @@ def run_name(target) -> str:
 
 
 def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, runs=10, seed=0,
-             part="test", device: str = "cpu") -> tuple[list[dict], list[np.ndarray]]:
+             part="test", device: str = "cpu", drop_nonfinite: bool = False) -> tuple[list[dict], list[np.ndarray]]:
     """Metrics of each target (a run folder: every seed's best.pt; or one checkpoint) on the same fixed
     episodes, compared with the best target on the same episodes and seeds; and each target's
     (seeds, E) per-episode accuracies. K defaults to the K the checkpoints were trained with (which
     must then agree). Each seed's last.pt, when present, is scored too, so that the effect of
-    selecting on validation is visible."""
+    selecting on validation is visible. With `drop_nonfinite`, test videos whose features hold a NaN or
+    infinity are left out (and listed in each result's `dropped`) instead of stopping."""
     if part not in ("test", "val"):
         raise ConfigError(f"--part must be test or val, got {part!r} (training classes are not a test)")
     paths = [run_checkpoints(t) for t in targets]
@@ -114,8 +115,9 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
     with FeatureStore(cache) as store:
         for p, ck in cks.items():
             check_cache(ck, store, p)
-        feats = {c: load(store, part, c, views=1) for c in {h.view for h in built.values()}}
+        feats = {c: load(store, part, c, views=1, drop_nonfinite=drop_nonfinite) for c in {h.view for h in built.values()}}
         any_feats = next(iter(feats.values()))
+        dropped = sorted({i for f in feats.values() for i in f.dropped})
         eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
                              episodes * runs, seed)
         settings_hash = store.settings_hash
@@ -145,7 +147,7 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
                  head_options=first.head_options, loss=first.train_config["loss"] if first.state_dict else "(none)",
                  per_seed=per_seed, cache=str(cache), cache_settings_hash=settings_hash, n_way=n_way, k_shot=k_shot,
                  q_query=q_query, part=part, seed=seed, episodes_digest=digest, train_config=first.train_config,
-                 missing=missing)
+                 missing=missing, dropped=dropped)
         results.append(m)
         accs.append(acc)
     compare_to_best(results, accs)
@@ -170,6 +172,13 @@ def missing_note(results: list[dict]) -> str:
             f"video(s) in {len(m['classes'])} class(es) ({', '.join(m['classes'][:5])}"
             f"{', ...' if len(m['classes']) > 5 else ''}), {m['all_parts']} in all parts: compare with published "
             "numbers on the full split with care.")
+
+
+def dropped_note(results: list[dict]) -> str:
+    """Lines under a table for the results whose episodes `--drop-nonfinite` drew without some videos."""
+    return "\n".join(f"{r['run']}: {len(r['dropped'])} {r['part']} video(s) left out for non-finite features "
+                     f"(--drop-nonfinite: {', '.join(r['dropped'][:5])}{', ...' if len(r['dropped']) > 5 else ''}); "
+                     "its episodes were drawn without them" for r in results if r.get("dropped"))
 
 
 def summarize_runs(acc: np.ndarray, runs: int) -> dict:

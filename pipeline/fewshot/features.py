@@ -13,7 +13,7 @@ train, 1 view: 1.8 GB), read once from HDF5 in contiguous row blocks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -25,6 +25,14 @@ class FeatureError(PipelineError):
     pass
 
 
+class NonFinite(FeatureError):
+    """Videos whose features hold a NaN or infinity (`ids`)."""
+
+    def __init__(self, message: str, ids):
+        super().__init__(message)
+        self.ids = list(ids)
+
+
 @dataclass
 class SplitFeatures:
     ids: np.ndarray            # (n,) "Class/stem"
@@ -34,6 +42,7 @@ class SplitFeatures:
     views: int
     first: np.ndarray | None = None   # pooled: (n, V) row in x of each video-view's first clip
     count: np.ndarray | None = None   # pooled: (n,) clips per video
+    dropped: tuple = ()               # videos left out for non-finite values (load(drop_nonfinite=True))
 
     @classmethod
     def from_sequences(cls, ids, classes, seqs: np.ndarray) -> "SplitFeatures":
@@ -75,11 +84,22 @@ def segment_picks(count: np.ndarray, clips: int, rng: np.random.Generator | None
     return lo + (rng.random(lo.shape) * (hi - lo)).astype(np.int64)
 
 
-def load(store: FeatureStore, part: str, view: str, views: int | None = None, block: int = 256) -> SplitFeatures:
+def load(store: FeatureStore, part: str, view: str, views: int | None = None, block: int = 256,
+         drop_nonfinite: bool = False) -> SplitFeatures:
     """The ok videos of `part` in one of the cache's views ("pooled", "steps" or "maps"); all crop
-    views by default, or only the first `views`."""
+    views by default, or only the first `views`. A video with a NaN or infinity is an error naming
+    it, or with `drop_nonfinite` left out (and listed in `dropped`)."""
+    try:
+        return _load(store, part, view, views, block, ())
+    except NonFinite as e:
+        if not drop_nonfinite:
+            raise
+        return replace(_load(store, part, view, views, block, e.ids), dropped=tuple(e.ids))
+
+
+def _load(store: FeatureStore, part: str, view: str, views: int | None, block: int, exclude) -> SplitFeatures:
     v = store.videos
-    sel = np.flatnonzero((v["part"] == part) & (v["status"] == "ok"))
+    sel = np.flatnonzero((v["part"] == part) & (v["status"] == "ok") & ~np.isin(v["id"], list(exclude)))
     if len(sel) == 0:
         raise FeatureError(f"{store.path}: no extracted videos in part {part!r}")
     nv = int(v["n_views"][sel].min()) if views is None else min(views, int(v["n_views"][sel].min()))
@@ -126,9 +146,10 @@ def check_finite(store: FeatureStore, part: str, view: str, ids: np.ndarray, ok:
     if ok.all():
         return
     bad = ids[~ok]
-    raise FeatureError(f"{store.path}: non-finite values in the {view} features of {len(bad)} video(s) of part "
-                       f"{part} ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): the cache is damaged; "
-                       "extract it again (`pipeline extract ... --overwrite`)")
+    raise NonFinite(f"{store.path}: non-finite values in the {view} features of {len(bad)} video(s) of part "
+                    f"{part} ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}): the cache is damaged; "
+                    "extract it again (`pipeline extract ... --overwrite`), or leave them out with --drop-nonfinite "
+                    "(recorded in the checkpoint and the metrics)", bad)
 
 
 def read_runs(ds, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

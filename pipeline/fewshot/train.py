@@ -130,12 +130,15 @@ def validate(head, feats, episodes: np.ndarray, k_shot: int, device="cpu") -> np
     return acc
 
 
-def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print, device: str = "cpu") -> list[dict]:
+def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print, device: str = "cpu",
+          drop_nonfinite: bool = False) -> list[dict]:
     """Train `config.head` on the train part of `cache`, once per training seed (config.seed,
     config.seed + 1, ...: `out_dir/seed-N/`), each keeping the checkpoint with the best validation
     accuracy (never test), all on the same fixed validation episodes. A seed resumes from its
     last.pt when that exists and matches the config. `device` (cpu, cuda, auto) is where the head
-    runs; it is not part of the config: a run resumes on another device."""
+    runs; it is not part of the config: a run resumes on another device. With `drop_nonfinite`, videos
+    whose features hold a NaN or infinity are left out (named, and recorded in the checkpoint) instead
+    of stopping the run."""
     dev = pick_device(device)
     with FeatureStore(cache) as store:   # a missing or unreadable cache fails before anything is created
         if config.train_views == "random" and store.videos["n_views"].max(initial=0) < 2:
@@ -146,27 +149,32 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print,
         results = []
         for seed in range(config.seed, config.seed + config.seeds):
             one = replace(config, seed=seed, seeds=1)
-            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, dev),
-                                seed=seed, folder=str(out_dir / f"seed-{seed}")))
+            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, dev,
+                                       drop_nonfinite), seed=seed, folder=str(out_dir / f"seed-{seed}")))
         return results
 
 
-def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: bool, log, device) -> dict:
+def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: bool, log, device,
+           drop_nonfinite: bool) -> dict:
     from tqdm import tqdm
 
     torch.manual_seed(config.seed)
     head_file = heads.load_head_file(config.head_file) if config.head_file else None
     head = heads.build(config.head, config.head_options).to(device)
     with FeatureStore(cache) as store:
-        tr = load(store, "train", head.view)
-        va = load(store, "val", head.view, views=1)
+        tr = load(store, "train", head.view, drop_nonfinite=drop_nonfinite)
+        va = load(store, "val", head.view, views=1, drop_nonfinite=drop_nonfinite)
+        dropped = {p: list(f.dropped) for p, f in (("train", tr), ("val", va)) if f.dropped}
+        for p, ids in dropped.items():
+            log(f"left out of {p} for non-finite features (--drop-nonfinite): {len(ids)} video(s): "
+                f"{', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}")
         with torch.no_grad():        # options the data cannot serve (a sequence too short or too long) fail here
             head.encode(torch.from_numpy(np.asarray(tr.inputs([0], clips=head.clips), np.float32)).to(device))
         out_dir.mkdir(parents=True, exist_ok=True)
         val_eps = fixed_episodes(Path(cache), va.ids, va.by_class(), "val", config.n_way, config.k_shot,
                                  config.val_query, config.val_episodes, val_seed)
         cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash,
-                          provenance=store.provenance)
+                          provenance=store.provenance, dropped=dropped)
     opt_name, lr, every, factor, total = config.schedule()
     params = list(head.parameters())
 
@@ -192,7 +200,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
     if last.exists():
         ck = checkpoint.load(last)
         if ck.train_config != asdict(config) or ck.cache["settings_hash"] != cache_info["settings_hash"] \
-                or ck.resume is None:
+                or ck.cache.get("dropped", {}) != dropped or ck.resume is None:
             raise TrainingError(f"{last} was written with another config or cache; remove {out_dir} or choose "
                                 "another --out")
         head.load_state_dict(ck.state_dict)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import MissingFile
-from ..fewshot.evaluate import check_scores, compare_to_best, missing_note, run_checkpoints, table
+from ..fewshot.evaluate import check_scores, compare_to_best, dropped_note, missing_note, run_checkpoints, table
 from ..fewshot.heads import format_options
 
 SWEPT = ("gamma", "margin")
@@ -77,7 +77,8 @@ def encode_test_videos(runs, runs_dir, cache):
                 continue
             head = checkpoint.load(run_checkpoints(folder)[0]).build_head()     # the first seed's
             if head.view not in feats:
-                feats[head.view] = load(st, "test", head.view, views=1)
+                feats[head.view] = load(st, "test", head.view, views=1,
+                                        drop_nonfinite=any(r.get("dropped") for r in runs))
             f = feats[head.view]
             x = torch.from_numpy(np.asarray(f.inputs(np.arange(len(f.ids)), clips=head.clips), np.float32))
             encoded.append((r, head, encode_all(head, x)))
@@ -216,8 +217,8 @@ def report(metrics_dir, runs_dir, cache, out) -> list[Path]:
     if not runs:
         raise MissingFile(f"no metrics JSON in {metrics_dir} (run `pipeline eval --metrics ...`)")
     rows, md = csv_rows(runs), table(runs)
-    note = missing_note(runs)
-    (out / "results.md").write_text(md + "\n" + (f"\n{note}\n" if note else ""))
+    notes = "".join(f"\n{n}\n" for n in (missing_note(runs), dropped_note(runs)) if n)
+    (out / "results.md").write_text(md + "\n" + notes)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
