@@ -25,4 +25,4 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf data/demo data/demo_predict cache/*.h5 cache/*.episodes runs metrics/*.npy reports predictions
+	rm -rf data/demo data/demo_predict cache/*.h5 cache/*.h5.json cache/*.episodes runs metrics/*.npy reports predictions

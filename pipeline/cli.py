@@ -109,7 +109,8 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             part_size: int = typer.Option(32, min=1, help="Videos per crash-safe part file."),
             channels_last: bool = typer.Option(True, help="channels_last_3d memory format for the forward (faster on CPU)."),
             overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
-            allow_missing: bool = typer.Option(False, "--allow-missing/--refuse-missing", help="Go on when a per-video list names missing videos (recorded in the cache's provenance, and reported by eval), or refuse (the default)."),):
+            allow_missing: bool = typer.Option(False, "--allow-missing/--refuse-missing", help="Go on when a per-video list names missing videos (recorded in the cache's provenance, and reported by eval), or refuse (the default)."),
+            summary_file: Optional[Path] = typer.Option(None, "--summary", help="Also write the cache's content digest, settings hash and counts to this JSON (what DVC tracks: the same values give the same bytes)."),):
     """Stage one: run MFNet over every clip and write the HDF5 feature cache (resumable, shardable)."""
     from .extraction.backbone import Backbone
     from .extraction.datasets import load_split, missing_videos, resolve
@@ -128,6 +129,13 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
                                channels_last=channels_last,
                                extra_provenance=dict(root=str(root), layout=layout, split=sp.name,
                                                      missing=missing_videos(sp, entries)))
+    if summary_file:
+        import json
+
+        from .files import atomic_write_text
+        from .store import content_summary
+        summary_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(summary_file, json.dumps(content_summary(summary["path"]), indent=1, sort_keys=True) + "\n")
     if summary["status"] == "up to date":
         typer.echo(f"{summary['path']}: up to date ({summary['videos']} videos), nothing to do")
         if not summary["files_compared"]:

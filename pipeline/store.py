@@ -276,6 +276,17 @@ class FeatureStore:
         return [(self.videos["id"][i], self.videos["reason"][i]) for i in bad]
 
 
+def content_summary(path) -> dict:
+    """What a cache holds, in a form whose bytes depend only on its values: the content digest, the
+    settings hash and counts. DVC's view of the cache (the extract stage's output): lzf's compressed
+    bytes are not repeatable (its hash table starts from uninitialised memory), so the file's own md5
+    changes between identical extractions while this does not."""
+    with FeatureStore(path) as s:
+        return dict(content_digest=s.f.attrs.get("content_digest"), settings_hash=s.settings_hash,
+                    format_version=int(s.version), videos=len(s), failed=len(s.failures()),
+                    clip_rows=int(s.f["features"].shape[0]))
+
+
 def read_settings(path) -> dict | None:
     try:
         with h5py.File(path, "r") as f:
