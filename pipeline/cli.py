@@ -340,6 +340,9 @@ def info(path: Path = typer.Argument(..., help="A feature cache (.h5) or a check
          verify: bool = typer.Option(False, "--verify", help="Cache: read every stored value and compare it with the digests recorded when it was written (names damaged videos).")):
     """Inspect a cache (provenance, counts, failures, size) or a checkpoint (head, options, training, cache)."""
     from .tools.info import describe
+    if verify and path.suffix not in (".h5", ".hdf5"):
+        from .errors import ConfigError
+        raise ConfigError(f"--verify checks a feature cache (.h5); {path} is not one")
     typer.echo(describe(path))
     if verify:
         from .store import CacheError, verify as run_verify
