@@ -41,6 +41,9 @@ def main():
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
+    if code == 130:     # Ctrl-C: typer turns it into exit code 130
+        typer.echo("interrupted: the same command resumes (extract from its finished part files, train from "
+                   "last.pt)", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -279,9 +282,13 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
              overwrite: bool = typer.Option(False, help="Replace metrics or accuracies files that hold another result.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
     from .errors import ConfigError
-    from .fewshot.evaluate import dropped_note, evaluate, missing_note, table, write_accuracies, write_metrics
+    from .fewshot.evaluate import (check_writable, dropped_note, evaluate, missing_note, run_name, table,
+                                   write_accuracies, write_metrics)
     if accuracies and len(checkpoints) > 1:
         raise ConfigError("--accuracies saves one run's accuracies: give one run folder or checkpoint")
+    if metrics:
+        for c in checkpoints:
+            check_writable(metrics if len(checkpoints) == 1 else metrics / f"{run_name(c)}.json", c, overwrite)
     results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part,
                             device, drop_nonfinite)
     typer.echo(table(results))

@@ -3,6 +3,7 @@ nothing is written; results are never written over silently."""
 import json
 
 import pytest
+import torch
 
 from conftest import cli
 
@@ -43,11 +44,24 @@ def test_two_checkpoints_of_one_run_keep_both_metrics_and_a_different_result_is_
     assert r.returncode == 0, r.stderr
     files = sorted(p.name for p in out.iterdir())
     assert files == ["run.seed-0.best.json", "run.seed-0.last.json"]
-    assert json.loads((out / files[1]).read_text())["per_seed"][0]["checkpoint"] == str(seed / "last.pt")
-    # the same result again: written (identical); another result onto it: refused, then --overwrite
+    last = json.loads((out / files[1]).read_text())["per_seed"][0]
+    assert last["checkpoint"] == str(seed / "last.pt")
+    curve = torch.load(seed / "last.pt", weights_only=False)["resume"]["curve"]
+    assert last["val"] == (curve[-1]["val_accuracy"] if curve else last["val"])     # its own validation
+    # the same result again (alone: no comparison with the other): written; another checkpoint's
+    # result onto it: refused before any work, then --overwrite
     assert cli("eval", str(seed / "best.pt"), *common, "--metrics", str(out / files[0])).returncode == 0
     r = cli("eval", str(seed / "last.pt"), *common, "--metrics", str(out / files[0]))
-    assert r.returncode == 2 and "holds another result; pass --overwrite" in r.stderr
+    assert r.returncode == 2 and "holds the result of other checkpoints" in r.stderr and r.stdout == ""
     assert json.loads((out / files[0]).read_text())["run"] == "run.seed-0.best"
     r = cli("eval", str(seed / "last.pt"), *common, "--metrics", str(out / files[0]), "--overwrite")
     assert r.returncode == 0 and json.loads((out / files[0]).read_text())["run"] == "run.seed-0.last"
+
+
+def test_a_last_checkpoint_reports_its_own_validation_not_the_best_so_far():
+    from types import SimpleNamespace
+
+    from pipeline.fewshot.evaluate import _own_val
+    curve = [dict(val_accuracy=0.5), dict(val_accuracy=0.4)]
+    assert _own_val(SimpleNamespace(resume=dict(curve=curve), best_val=0.5)) == 0.4      # last.pt
+    assert _own_val(SimpleNamespace(resume=None, best_val=0.5)) == 0.5                   # best.pt

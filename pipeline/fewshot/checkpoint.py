@@ -105,4 +105,7 @@ def describe(path, ck: Checkpoint) -> str:
               "training: " + ", ".join(f"{k}={v}" for k, v in sorted(cfg.items())),
               f"trained on cache {ck.cache['path']} (settings hash {ck.cache['settings_hash']})",
               "cache settings: " + json.dumps(ck.cache["settings"], sort_keys=True)]
+    for part, ids in (ck.cache.get("dropped") or {}).items():
+        lines.append(f"left out of {part} for non-finite features (--drop-nonfinite): {len(ids)} video(s): "
+                     f"{', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}")
     return "\n".join(lines)

@@ -188,16 +188,21 @@ def summarize_runs(acc: np.ndarray, runs: int) -> dict:
 
 
 def _seed_record(path: Path, ck, acc: np.ndarray, score) -> dict:
-    """One seed: its selected checkpoint's validation and test accuracy, and its last checkpoint's."""
-    rec = dict(seed=ck.train_config["seed"], checkpoint=str(path), episode=ck.episode, val=ck.best_val,
+    """One seed: the evaluated checkpoint's validation and test accuracy, and its last checkpoint's."""
+    rec = dict(seed=ck.train_config["seed"], checkpoint=str(path), episode=ck.episode, val=_own_val(ck),
                test=float(acc.mean()), episode_ci95=mean_ci(acc)[1])
     last = path.with_name("last.pt")
     if last.exists() and last != path:
         lk = checkpoint.load(last)
-        curve = (lk.resume or {}).get("curve") or []
-        rec.update(last_episode=lk.episode, last_val=curve[-1]["val_accuracy"] if curve else lk.best_val,
-                   last_test=float(score(lk).mean()))
+        rec.update(last_episode=lk.episode, last_val=_own_val(lk), last_test=float(score(lk).mean()))
     return rec
+
+
+def _own_val(ck) -> float:
+    """A checkpoint's own validation accuracy: last.pt records the best so far as best_val, and its
+    own in the last point of its curve."""
+    curve = (ck.resume or {}).get("curve") or []
+    return curve[-1]["val_accuracy"] if curve else ck.best_val
 
 
 def _identity(ck) -> str:
@@ -270,10 +275,11 @@ def _mean_pct(seeds: list[dict], key: str) -> str:
     values = [s[key] for s in seeds if key in s]
     return f"{100 * float(np.mean(values)):.2f}" if values else "-"
 def write_metrics(path, result: dict, overwrite: bool = False) -> None:
-    """The metrics JSON; a file holding another result is replaced only with `overwrite`."""
+    """The metrics JSON; a file holding another result is replaced only with `overwrite` (the same
+    result compared with other runs, `vs_best`, is the same result)."""
     path = Path(path)
     text = json.dumps(result, indent=1)
-    _refuse_other(path, lambda: path.read_text() != text, overwrite)
+    _refuse_other(path, lambda: _result_of(path) != dict(result, vs_best=None), overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
 
@@ -285,6 +291,23 @@ def write_accuracies(path, acc: np.ndarray, overwrite: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, acc)
+
+
+def _result_of(path: Path) -> dict | None:
+    try:
+        return dict(json.loads(path.read_text()), vs_best=None)
+    except (OSError, ValueError):
+        return None
+
+
+def check_writable(path, target, overwrite: bool) -> None:
+    """Before evaluating: a metrics file that holds the result of other checkpoints is refused now,
+    not after the work (write_metrics compares the finished result)."""
+    old = _result_of(Path(path)) if not overwrite and Path(path).exists() else None
+    if old is not None and [s.get("checkpoint") for s in old.get("per_seed", [])] != \
+            [str(p) for p in run_checkpoints(target)]:
+        raise ConfigError(f"{path} holds the result of other checkpoints ({old.get('run')}); pass --overwrite to "
+                          "replace it, or write elsewhere")
 
 
 def _refuse_other(path: Path, differs, overwrite: bool) -> None:
