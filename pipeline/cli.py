@@ -149,6 +149,10 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
                f"{summary['bytes'] / 1e6:.1f} MB; computed {summary['computed_clips']} clips in "
                f"{summary['seconds']:.1f} s ({summary['clips_per_s']:.1f} clips/s)"
                + (f", resumed {summary['resumed_parts']} finished part(s)" if summary["resumed_parts"] else ""))
+    if summary["warnings"]:
+        typer.echo(f"{len(summary['warnings'])} video(s) used with a warning (recorded in the cache, shown by info):")
+        for vid, why in summary["warnings"]:
+            typer.echo(f"  {vid}: {why}")
     if summary["failures"]:
         typer.echo(f"{len(summary['failures'])} video(s) failed and were recorded in the cache:")
         for vid, why in summary["failures"]:

@@ -12,6 +12,7 @@ Layout (every name readable with plain h5py or `h5ls -r`):
   /clips/clip            (n_rows,) int16   position of the clip in its video (temporal order)
   /clips/frame_indices   (n_rows, F) int32 decoded frame indices the clip was built from
   /videos/{id, class_name, part, status, reason}   strings, one per video ("Class/stem", ...)
+  /videos/warning        string, "" or what was wrong with a video that was still used (a truncated file)
   /videos/file_sha256    string, sha256 of the video file the rows were computed from: what
                          "up to date" and a resumed extraction compare, so a changed file is seen
   /videos/digest         string, sha256 of the video's stored values (maps as stored, pooled, steps,
@@ -22,7 +23,7 @@ Layout (every name readable with plain h5py or `h5ls -r`):
          every video's id, status and digest, in order), format_version (2; format 1 lacks /steps
          and is read as it is, or upgraded in place by `pipeline upgrade CACHE`)
 
-file_sha256, digest and content_digest came within format 2; caches written before them read them
+warning, file_sha256, digest and content_digest came within format 2; caches written before them read them
 as "" (nothing to compare: `pipeline extract --overwrite` writes them).
 
 Rows of one video are contiguous, view-major: row first_row + view * n_clips + clip. A failed video
@@ -46,7 +47,7 @@ from .files import atomic_path, exclusive
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)   # 1: before /steps
 STR = h5py.string_dtype("utf-8")
-VIDEO_STR = ("id", "class_name", "part", "status", "reason", "file_sha256", "digest")
+VIDEO_STR = ("id", "class_name", "part", "status", "reason", "warning", "file_sha256", "digest")
 VIDEO_INT = ("label", "order", "first_row", "n_clips", "n_views", "n_frames")
 COMPRESSION = {"none": {}, "lzf": {"compression": "lzf", "shuffle": True},
                "gzip": {"compression": "gzip", "compression_opts": 4, "shuffle": True}}
@@ -108,6 +109,7 @@ class VideoResult:
     n_frames: int = 0
     status: str = "ok"
     reason: str = ""
+    warning: str = ""
     file_sha256: str = ""
     digest: str = ""                     # given with chunks (copied from the source); else computed
 

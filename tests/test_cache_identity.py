@@ -106,7 +106,7 @@ def test_describe_change_lists_added_removed_modified_and_moved():
     assert describe_change(old, [w[:3] + ["new"] for w in have]) == ""
 
 
-def test_a_clip_whose_maps_are_not_finite_is_recorded_as_failed():
+def test_a_clip_whose_maps_are_not_finite_is_recorded_as_failed(tmp_path):
     from tqdm import tqdm
 
     from pipeline.extraction.datasets import VideoEntry
@@ -120,7 +120,7 @@ def test_a_clip_whose_maps_are_not_finite_is_recorded_as_failed():
     group, decoded = [], []
     for k in range(3):
         clips = np.full((1, 2, 4, 8, 8, 3), k, np.uint8)
-        group.append((VideoEntry(f"a/{k}", None, "a", "train", 0), k, "sha"))
+        group.append((VideoEntry(f"a/{k}", write_video(tmp_path / f"{k}.avi", 3), "a", "train", 0), k, "sha"))
         decoded.append((VideoClips(clips, np.zeros((2, 4), np.int64), 10, 10, 25.0, (8, 8)), ""))
     results = extractor._compute_part(group, decoded, forward, 4, tqdm(disable=True), "float16")
     assert [r.status for r in results] == ["ok", "ok", "failed"]
@@ -171,3 +171,31 @@ def test_an_unreadable_file_gets_no_digest_and_is_left_to_decoding_to_record(tmp
     monkeypatch.setattr(extractor, "sha256", sha256)
     for workers in (0, 2):
         assert extractor.file_digests([good, tmp_path / "b.avi"], workers) == ["x", ""]
+
+
+@pytest.mark.filterwarnings("ignore:no --weights")
+def test_a_truncated_file_is_used_with_a_warning_recorded_and_shown(data, tmp_path):
+    from pipeline.extraction.video import truncation
+    f = data[0] / "a" / "a_2.avi"
+    full = f.read_bytes()
+    assert truncation(f) == ""
+    f.write_bytes(full[:int(len(full) * 0.8)])                       # cut, as by an interrupted download
+    extract(data, tmp_path / "c.h5")
+    with FeatureStore(tmp_path / "c.h5") as st:
+        i = list(st.videos["id"]).index("a/a_2")
+        assert st.videos["status"][i] == "ok" and st.videos["warning"][i].startswith(
+            f"file truncated: {len(full) * 8 // 10} of the {len(full)} bytes its RIFF header declares")
+        assert (st.videos["warning"] != "").sum() == 1
+    r = cli("info", str(tmp_path / "c.h5"))
+    assert "1 video(s) used with a warning:" in r.stdout and "a/a_2: file truncated" in r.stdout
+
+
+def test_truncation_walks_mp4_boxes(tmp_path):
+    from pipeline.extraction.video import truncation
+    box = lambda kind, n: n.to_bytes(4, "big") + kind + bytes(n - 8)          # noqa: E731
+    whole = box(b"ftyp", 24) + box(b"mdat", 1000) + box(b"moov", 200)
+    (tmp_path / "ok.mp4").write_bytes(whole)
+    (tmp_path / "cut.mp4").write_bytes(whole[:900])
+    assert truncation(tmp_path / "ok.mp4") == ""
+    assert truncation(tmp_path / "cut.mp4").startswith("file truncated: its 'mdat' box at byte 24 declares 1000 "
+                                                      "bytes, 876 remain")

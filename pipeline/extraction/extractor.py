@@ -30,7 +30,7 @@ from ..device import pick_device
 from .backbone import Backbone, BatchForward
 from .datasets import VideoEntry
 from .settings import ExtractSettings
-from .video import read_clips_or_reason, view_seed
+from .video import read_clips_or_reason, truncation, view_seed
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -97,6 +97,7 @@ def _compute_part(group, decoded, forward, batch_size, bar, dtype):
         if vc is None:
             r.status, r.reason = "failed", reason
         else:
+            r.warning = truncation(entry.path)
             v, c = vc.clips.shape[:2]
             r.n_views, r.frame_indices, r.n_frames, n = v, vc.indices, vc.n_frames, v * c
             flat = vc.clips.reshape(n, *vc.clips.shape[2:])  # (views*clips, F, H, W, 3) uint8, view-major
@@ -226,10 +227,11 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     shutil.rmtree(parts_dir)
     with FeatureStore(target) as store:
         failures, rows = store.failures(), store.f["features"].shape[0]
+        warnings = [(store.videos["id"][i], store.videos["warning"][i]) for i in np.flatnonzero(store.videos["warning"])]
     return dict(path=str(target), status="written", videos=count, resumed_parts=len(mine) - len(todo),
                 clips=int(rows), computed_clips=clips_done, seconds=seconds,
                 clips_per_s=clips_done / seconds if seconds > 0 else 0.0,
-                bytes=target.stat().st_size, failures=failures)
+                bytes=target.stat().st_size, failures=failures, warnings=warnings)
 
 
 def file_digests(paths, workers: int) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,6 +315,36 @@ def count_frames(path) -> int:
     finally:
         cap.release()
     return n
+
+
+def truncation(path) -> str:
+    """'' or why the file is shorter than its container says: an AVI's RIFF header declares its
+    length, and an MP4/MOV's top-level boxes declare theirs. OpenCV reports no decoding damage, and a
+    cut file decodes with its last frames concealed; this is the cheap check that catches that case
+    (a few header reads). Other containers are not checked."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if head[:4] == b"RIFF":
+            declared = int.from_bytes(head[4:8], "little") + 8
+            return "" if size >= declared else \
+                f"file truncated: {size} of the {declared} bytes its RIFF header declares (the last frames may be damaged)"
+        if head[4:8] not in (b"ftyp", b"moov", b"mdat", b"free", b"wide"):
+            return ""
+        pos = 0
+        while pos + 8 <= size:
+            f.seek(pos)
+            box = f.read(16)
+            n, kind = int.from_bytes(box[:4], "big"), box[4:8]
+            if n == 1:
+                n = int.from_bytes(box[8:16], "big")
+            if n == 0:           # the last box runs to the end of the file
+                return ""
+            if n < 8 or pos + n > size:
+                return (f"file truncated: its '{kind.decode('latin-1')}' box at byte {pos} declares {n} bytes, "
+                        f"{size - pos} remain (the last frames may be damaged)")
+            pos += n
+    return ""
 
 
 def view_seed(video_id: str, seed: int) -> int:

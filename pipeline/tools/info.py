@@ -46,6 +46,10 @@ def describe_cache(path: Path) -> str:
                              f"{int((sel & ~ok).sum())} failed; clips per video {clips.min() if len(clips) else 0}-"
                              f"{clips.max() if len(clips) else 0}; per class "
                              + ", ".join(f"{c} {n}" for c, n in sorted(per.items())))
+        warned = np.flatnonzero(v["warning"] != "")
+        if len(warned):
+            lines.append(f"{len(warned)} video(s) used with a warning:")
+            lines += [f"  {v['id'][i]}: {v['warning'][i]}" for i in warned]
         fails = s.failures()
         if fails:
             lines.append(f"{len(fails)} failed video(s):")
