@@ -290,9 +290,17 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
                                    write_accuracies, write_metrics)
     if accuracies and len(checkpoints) > 1:
         raise ConfigError("--accuracies saves one run's accuracies: give one run folder or checkpoint")
+
+    def metrics_file(target):
+        """--metrics is the file for one target, the folder of `<name>.json` files for several."""
+        return metrics if len(checkpoints) == 1 else metrics / f"{run_name(target)}.json"
+
     if metrics:
+        names = [run_name(c) for c in checkpoints]
+        if len(set(names)) < len(names):
+            raise ConfigError(f"--metrics {metrics}: two targets share the name {names}; evaluate them separately")
         for c in checkpoints:
-            check_writable(metrics if len(checkpoints) == 1 else metrics / f"{run_name(c)}.json", c, overwrite)
+            check_writable(metrics_file(c), c, overwrite)
     results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part,
                             device, drop_nonfinite)
     typer.echo(table(results))
@@ -302,14 +310,8 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
     if accuracies:
         write_accuracies(accuracies, accs[0], overwrite)
     if metrics:
-        if len(results) == 1:
-            write_metrics(metrics, results[0], overwrite)
-        else:
-            names = [r["run"] for r in results]
-            if len(set(names)) < len(names):
-                raise ConfigError(f"--metrics {metrics}: two targets share the name {names}; evaluate them separately")
-            for r in results:
-                write_metrics(metrics / f"{r['run']}.json", r, overwrite)
+        for c, r in zip(checkpoints, results):
+            write_metrics(metrics_file(c), r, overwrite)
 
 
 @app.command()
