@@ -194,10 +194,13 @@ def heads(head_file: Optional[Path] = typer.Option(None, help=HEAD_FILE_HELP)):
     for name, cls in sorted(registry.HEADS.items()):
         doc = " ".join((cls.__doc__ or "").split()).split(". ")[0]
         reads = cls.consumes + ("|steps" if "per_step" in {f[0] for f in registry.option_fields(cls)} else "")
+        kind, own = cls.scoring(cls.Options())
         typer.echo(f"{name:8s} reads {reads:12s}  {doc}")
+        typer.echo(f"{'':10s}scores: {kind}; its own loss: {own}")
         for opt, typ, default, meta in registry.option_fields(cls):
-            typer.echo(f"{'':10s}--head-opt {opt}=... ({registry.type_name(typ)}, default {registry.show(default)}): "
-                       f"{meta.get('help', '')}")
+            bounds = registry.valid_range(meta)
+            typer.echo(f"{'':10s}--head-opt {opt}=... ({registry.type_name(typ)}, default {registry.show(default)}"
+                       f"{', ' + bounds if bounds else ''}): {meta.get('help', '')}")
 
 
 @app.command()
@@ -207,10 +210,10 @@ def train(ctx: typer.Context,
           head: str = typer.Option("lstm", help="Head name (see `pipeline heads`)."),
           head_opt: List[str] = typer.Option([], "--head-opt", help="A head option as key=value (repeat; see `pipeline heads`), e.g. --head-opt hidden=256."),
           head_file: Optional[Path] = typer.Option(None, help=HEAD_FILE_HELP),
-          loss: str = typer.Option("circle", help="circle (one prototype per class) | circle_per_video (the paper's K-shot form) | ce | mse (regress scores to the one-hot target, as RVN)."),
+          loss: Optional[str] = typer.Option(None, help="Default: the head's own (see `pipeline heads`). circle (one prototype per class) | circle_per_video (the paper's K-shot form) | ce | mse (regress scores to the one-hot target, as RVN); a loss that cannot train the head's scores is refused."),
           gamma: float = typer.Option(128.0, help="circle: scale factor gamma."),
           margin: float = typer.Option(0.4, help="circle: relaxation margin m."),
-          scale: float = typer.Option(10.0, help="ce: scale of the cosine logits."),
+          scale: Optional[float] = typer.Option(None, help="ce: multiplier of the scores (default: 10 on cosine scores, 1 on logits)."),
           optimizer: str = typer.Option("head", help="head (Adam, for cached features) | paper (SGD 1e-5)."),
           lr: Optional[float] = typer.Option(None, help="Learning rate (default: the preset's)."),
           episodes: Optional[int] = typer.Option(None, help="Training episodes (default: the preset's)."),

@@ -6,6 +6,8 @@ the identity of the cache it was trained on (path, settings, settings hash, prov
 head's state_dict, the episode and validation accuracy it was saved at, and, in `last.pt` only,
 what resuming needs (`resume`: optimizer, scheduler, RNG states, curve).
 Format 1 (before head options existed) is read as well: its `head_config` becomes the options.
+Format 2 (before the heads were held to their authors' code) is read with the options that give its
+heads' computation back where the defaults changed (chamfer, diag, max, trx).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from ..errors import MissingFile, PipelineError
 from ..files import atomic_path
 from . import heads
 
-FORMAT = 2
+FORMAT = 3
 
 
 class CheckpointError(PipelineError):
@@ -39,6 +41,11 @@ class Checkpoint:
     resume: dict | None = None       # last.pt: optimizer, scheduler, rng, torch_rng, curve
     format: int = FORMAT
 
+    @property
+    def feature_size(self) -> int:
+        """D of the features the head was built for (checkpoints before format 3: MFNet's 768)."""
+        return self.cache.get("feature_size", 768)
+
     def build_head(self, head_file: str | None = None) -> heads.Head:
         """The trained head, in eval mode. A head from a user's file is imported from the recorded
         path (or `head_file`), which must still have the recorded sha256."""
@@ -51,7 +58,7 @@ class Checkpoint:
             if got["sha256"] != self.head_file["sha256"]:
                 raise CheckpointError(f"{path} has changed since head {self.head!r} was trained from it (sha256 "
                                       f"{got['sha256'][:12]}... vs {self.head_file['sha256'][:12]}... recorded)")
-        head = heads.build(self.head, self.head_options)
+        head = heads.build(self.head, self.head_options, self.feature_size)
         head.load_state_dict(self.state_dict)
         return head.eval()
 
@@ -77,6 +84,8 @@ def load(path) -> Checkpoint:
                               f"{FORMAT}: upgrade it (pip install -U, or git pull and make install)")
     if version == 1:
         d = _from_format_1(d)
+    if version <= 2:
+        d = _from_format_2(d)
     known = {f for f in Checkpoint.__dataclass_fields__}
     return Checkpoint(**{k: v for k, v in d.items() if k in known})
 
@@ -91,6 +100,31 @@ def _from_format_1(d: dict) -> dict:
     return dict(head=d["head"], head_options=dict(d.get("head_config", {})), train_config=cfg, cache=d["cache"],
                 state_dict=d["state_dict"], episode=d.get("episode", 0), best_val=d.get("best_val", float("nan")),
                 resume=resume, format=1)
+
+
+PLAIN = dict(projection=0, weight=1.0, learn_weight=False, temperature=1.0)
+
+
+def _from_format_2(d: dict) -> dict:
+    """Format 2's chamfer matched consecutive tuples jointly with a learnt log-scale (`proj`, `norm`,
+    `log_scale`); its diag and max were parameter-free; its trx had no dropout. Their options are
+    spelled out so that the same computation is built."""
+    opts, state = dict(d["head_options"]), dict(d["state_dict"])
+    if d["head"] == "chamfer":
+        scale, learn = opts.pop("scale", 1.0), opts.pop("learn_scale", True)
+        opts.update(projection=opts.pop("dim", 1024), tuple_length=opts.get("tuple_length", 2), tuples="consecutive",
+                    joint=True, weight=scale, learn_weight=learn, temperature=1.0)
+        renamed = {"proj.": "fc.", "norm.": "layer_norm."}
+        state = {next((new + k[len(old):] for old, new in renamed.items() if k.startswith(old)), k): v
+                 for k, v in state.items() if k != "log_scale"}
+        if learn:
+            state["weight"] = d["state_dict"]["log_scale"].exp()
+    elif d["head"] in ("diag", "max"):
+        opts.update(PLAIN)
+    elif d["head"] == "trx":
+        opts.update(dropout=0.0)
+    cfg = dict(d["train_config"], head_options=opts)
+    return dict(d, head_options=opts, state_dict=state, train_config=cfg)
 
 
 def describe(path, ck: Checkpoint) -> str:

@@ -51,6 +51,11 @@ class SplitFeatures:
         return cls(ids, classes, seqs.reshape(-1, seqs.shape[-1]), v, np.arange(n * v).reshape(n, v) * t,
                    np.full(n, t))
 
+    @property
+    def feature_size(self) -> int:
+        """D, the size of a step's feature vector (maps: their channels)."""
+        return int(self.x.shape[2] if self.first is None else self.x.shape[-1])
+
     def by_class(self) -> dict[str, np.ndarray]:
         return {c: np.flatnonzero(self.classes == c) for c in np.unique(self.classes)}
 

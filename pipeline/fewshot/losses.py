@@ -45,4 +45,19 @@ def episode_loss(name: str, sims: torch.Tensor, target: torch.Tensor, gamma: flo
 # circle: one positive per query, its class prototype (identical to the paper for 1-shot);
 # circle_per_video: the paper's eq. 12 for K > 1, one similarity per support video
 LOSSES = ("circle", "circle_per_video", "ce", "mse")
+# the kinds of scores (heads' `kind`) each loss can train: circle loss's margins and weights assume
+# cosines in [-1, 1] (on minus squared distances every negative gets a zero weight), MSE regresses
+# scores to 0 / 1
+ACCEPTS = {"circle": ("cosine",), "circle_per_video": ("cosine",), "ce": ("cosine", "probability", "logits"),
+           "mse": ("cosine", "probability")}
+WHY = {"circle": "circle loss assumes cosine similarities in [-1, 1]: on these scores its weights give the "
+                 "negative classes no gradient",
+       "mse": "MSE regresses each score to 0 or 1, which unbounded scores need not reach"}
+
+
+def check_loss(loss: str, head: str, kind: str, own: str) -> None:
+    """Refuses a loss that cannot train scores of `kind`, saying why and what to use."""
+    if kind not in ACCEPTS[loss]:
+        raise ConfigError(f"loss {loss} cannot train head {head}: its scores are {kind}, and "
+                          f"{WHY[loss.removesuffix('_per_video')]}; use --loss {own} (its own)")
 PER_VIDEO = ("circle_per_video",)     # losses that need each support video scored on its own

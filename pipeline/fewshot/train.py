@@ -18,7 +18,7 @@ from . import checkpoint, heads
 from .checkpoint import Checkpoint
 from .episodes import EpisodeSampler, fixed_episodes
 from .features import SplitFeatures, load
-from .losses import LOSSES, PER_VIDEO, episode_loss
+from .losses import LOSSES, PER_VIDEO, check_loss, episode_loss
 
 # name -> (optimizer, lr, lr decay every, decay factor, episodes)
 OPTIMIZERS = {
@@ -39,10 +39,10 @@ class TrainConfig:
     head: str = "lstm"
     head_options: dict = field(default_factory=dict)
     head_file: str | None = None     # a user's file of heads (`--head-file`)
-    loss: str = "circle"
+    loss: str | None = None          # None: the head's own (its paper's)
     gamma: float = 128.0
     margin: float = 0.4
-    scale: float = 10.0
+    scale: float | None = None       # ce: multiplier of the scores; None: 10 on cosines, 1 on logits
     optimizer: str = "head"
     lr: float | None = None          # None: the preset's
     episodes: int | None = None      # None: the preset's
@@ -61,8 +61,14 @@ class TrainConfig:
             heads.load_head_file(self.head_file)
         # the options in full (defaults included, typed), so that equal configs compare equal
         self.head_options = asdict(heads.parse_options(heads.get(self.head), self.head_options))
+        kind, own = heads.get(self.head).scoring(heads.parse_options(heads.get(self.head), self.head_options))
+        if self.loss is None:
+            self.loss = own
         if self.loss not in LOSSES:
             raise ConfigError(f"train.loss: unknown loss {self.loss!r} (choose from {', '.join(LOSSES)})")
+        check_loss(self.loss, self.head, kind, own)
+        if self.scale is None:
+            self.scale = 10.0 if kind == "cosine" else 1.0
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"train.optimizer: unknown preset {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
         for k in ("k_shot", "q_query", "val_every", "val_episodes", "val_query", "seeds"):
@@ -74,10 +80,14 @@ class TrainConfig:
             raise ConfigError(f"train.n_way must be >= 2, got {self.n_way}")
         if self.episodes is not None and self.episodes < 1:
             raise ConfigError(f"train.episodes must be >= 1, got {self.episodes}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        if not self.gamma > 0:
-            raise ConfigError(f"train.gamma must be > 0, got {self.gamma}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            raise ConfigError(f"train.gamma must be a finite number > 0, got {self.gamma}")
+        if not 0 <= self.margin < 1:     # circle loss's optima 1 + m and -m and its margins need 0 <= m < 1
+            raise ConfigError(f"train.margin must be in [0, 1), got {self.margin}")
+        if not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ConfigError(f"train.scale must be a finite number > 0, got {self.scale}")
 
     @classmethod
     def from_mapping(cls, d: dict, where: str) -> "TrainConfig":
@@ -160,10 +170,12 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
 
     torch.manual_seed(config.seed)
     head_file = heads.load_head_file(config.head_file) if config.head_file else None
-    head = heads.build(config.head, config.head_options).to(device)
+    cls = heads.get(config.head)
+    view = heads.view_of(cls, heads.parse_options(cls, config.head_options))
     with FeatureStore(cache) as store:
-        tr = load(store, "train", head.view, drop_nonfinite=drop_nonfinite)
-        va = load(store, "val", head.view, views=1, drop_nonfinite=drop_nonfinite)
+        tr = load(store, "train", view, drop_nonfinite=drop_nonfinite)
+        va = load(store, "val", view, views=1, drop_nonfinite=drop_nonfinite)
+        head = heads.build(config.head, config.head_options, tr.feature_size).to(device)
         dropped = {p: list(f.dropped) for p, f in (("train", tr), ("val", va)) if f.dropped}
         for p, ids in dropped.items():
             log(f"left out of {p} for non-finite features (--drop-nonfinite): {len(ids)} video(s): "
@@ -174,9 +186,9 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
         val_eps = fixed_episodes(Path(cache), va.ids, va.by_class(), "val", config.n_way, config.k_shot,
                                  config.val_query, config.val_episodes, val_seed)
         cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash,
-                          provenance=store.provenance, dropped=dropped)
+                          provenance=store.provenance, dropped=dropped, feature_size=tr.feature_size)
     opt_name, lr, every, factor, total = config.schedule()
-    params = list(head.parameters())
+    params = [p for p in head.parameters() if p.requires_grad]
 
     def save(name, episode, best_val, resume=None):
         checkpoint.save(out_dir / name, Checkpoint(config.head, config.head_options, asdict(config), cache_info,

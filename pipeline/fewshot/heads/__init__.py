@@ -4,12 +4,18 @@ A new head is one file in this package (or in a file of your own, `--head-file`)
 `@register("name")` line. Every head is a `Head` and answers one question, the scores of an
 episode's queries against its classes:
 
-    consumes                  what it reads per video from the cache: "pooled" (T, 768) clip
-                              vectors, or "maps" the clip-mean map (768, 8, 4, 4)
+    consumes                  what it reads per video from the cache: "pooled" (T, D) clip
+                              vectors, or "maps" the clip-mean map (D, t, h, w); D, the feature
+                              size, is the cache's and is given to the head when it is built
+    kind                      what its scores are: "cosine" (bounded in [-1, 1]), "probability"
+                              (in [0, 1]) or "logits" (unbounded: scaled similarities, minus
+                              distances)
+    loss                      the loss its paper trains it with; `train` uses it unless told
+                              otherwise, and refuses a loss that cannot work on `kind`
     clips                     the sequence length T a pooled head reads: its option `clips`, or
                               None (no such option) for the cache's own T
     view                      the cache view read: `consumes`, or "steps" when the head's option
-                              `per_step` is set: each clip's 8 temporal positions in a row, (T * 8, 768)
+                              `per_step` is set: each clip's t temporal positions in a row, (T * t, D)
     encode(x)                 per-video work, (B, ...) -> (B, ...); evaluation and predict run it once
                               per video, training once per episode video
     as_query(z)               optional further per-video work on a query's encoding (default: none);
@@ -27,12 +33,13 @@ prototype is the mean of its K vectors, the score the cosine to it (the paper's 
 
 Options: a head declares a dataclass `Options` with `option(default, help)` fields; they are
 set with `--head-opt key=value` or `head_options:` in params.yaml, checked against the declared
-types, and stored in checkpoints.
+types and ranges when the head is built, and stored in checkpoints.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import importlib.util
 import pkgutil
 import sys
@@ -48,24 +55,35 @@ from ...files import sha256
 
 HEADS: dict[str, type] = {}
 CONSUMES = ("pooled", "maps")
+KINDS = ("cosine", "probability", "logits")
 
 
-def option(default, help: str, choices: tuple | None = None):
-    """A head option: its default, one line of help, and optionally the allowed values."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices))
+def option(default, help: str, choices: tuple | None = None, low=None, above=None, below=None):
+    """A head option: its default, one line of help, and optionally the allowed values: `choices`,
+    or a range (`low` <= value, `above` < value, value < `below`; for a tuple, each item)."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, low=low, above=above,
+                                                            below=below))
 
 
 class Head(nn.Module):
     consumes = "pooled"
     batched = False
+    kind = "cosine"
+    loss = "circle"
 
     @dataclasses.dataclass
     class Options:
         pass
 
-    def __init__(self, options=None):
+    def __init__(self, options=None, in_dim: int | None = None):
         super().__init__()
         self.options = options if options is not None else self.Options()
+        self.in_dim = in_dim          # the cache's feature size D
+
+    @classmethod
+    def scoring(cls, options) -> tuple[str, str]:
+        """(what its scores are, the loss its paper trains it with) under `options`."""
+        return cls.kind, cls.loss
 
     @property
     def clips(self) -> int | None:
@@ -73,7 +91,7 @@ class Head(nn.Module):
 
     @property
     def view(self) -> str:
-        return "steps" if getattr(self.options, "per_step", False) else self.consumes
+        return view_of(type(self), self.options)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -132,9 +150,16 @@ def get(name: str) -> type:
     return HEADS[name]
 
 
-def build(name: str, options: dict | None = None) -> Head:
+def build(name: str, options: dict | None, in_dim: int) -> Head:
+    """Head `name` with `options` for features of size `in_dim` (the cache's)."""
     cls = get(name)
-    return cls(parse_options(cls, options or {}))
+    return cls(parse_options(cls, options or {}), in_dim=in_dim)
+
+
+def view_of(cls, options) -> str:
+    """The cache view a head of class `cls` with `options` reads (known before it is built, since the
+    view decides which features are loaded and so the feature size it is built with)."""
+    return "steps" if getattr(options, "per_step", False) else cls.consumes
 
 
 def option_fields(cls) -> list[tuple[str, object, object, dict]]:
@@ -149,7 +174,24 @@ def describe_options(cls) -> str:
         return "no options"
     return "; ".join(f"{n} ({type_name(t)}, default {show(d)}): {m.get('help', '')}"
                      + (f" [{'|'.join(map(str, m['choices']))}]" if m.get("choices") else "")
+                     + (f" [{valid_range(m)}]" if valid_range(m) else "")
                      for n, t, d, m in fields)
+
+
+def valid_range(meta: dict) -> str:
+    """"1 <= x", "0 < x < 1", ...: an option's declared range, or ""."""
+    lo = f"{meta['low']} <= " if meta.get("low") is not None else f"{meta['above']} < " if meta.get("above") is not None else ""
+    hi = f" < {meta['below']}" if meta.get("below") is not None else ""
+    return f"{lo}x{hi}" if lo or hi else ""
+
+
+def _in_range(value, meta: dict) -> bool:
+    items = value if isinstance(value, tuple) else (value,)
+    if isinstance(value, tuple) and (meta.get("low"), meta.get("above"), meta.get("below")) != (None,) * 3 and not items:
+        return False
+    return all((meta.get("low") is None or v >= meta["low"]) and (meta.get("above") is None or v > meta["above"])
+               and (meta.get("below") is None or v < meta["below"]) and math.isfinite(v) for v in items
+               if not isinstance(v, (str, bool)))
 
 
 def parse_options(cls, given: dict):
@@ -171,8 +213,15 @@ def parse_options(cls, given: dict):
                               f"{describe_options(cls)}") from None
         if meta.get("choices") and value not in meta["choices"]:
             raise ConfigError(f"head {name}: option {key}={raw!r} is not one of {', '.join(map(str, meta['choices']))}")
+        if not _in_range(value, meta):
+            what = "each of " if isinstance(value, tuple) else ""
+            raise ConfigError(f"head {name}: option {key}={show(raw)} is out of range: {what}{key} must satisfy "
+                              f"{valid_range(meta)}" + (" (and give at least one)" if isinstance(value, tuple) else ""))
         values[key] = value
-    return cls.Options(**values)
+    try:
+        return cls.Options(**values)
+    except ConfigError as e:        # a rule between options (Options.__post_init__)
+        raise ConfigError(f"head {name}: {e}") from None
 
 
 def format_options(options: dict) -> str:

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...errors import ConfigError
 from . import EmbeddingHead, option, register
 
 
@@ -21,17 +20,15 @@ class LSTMHead(EmbeddingHead):
 
     @dataclass
     class Options:
-        hidden: int = option(512, "hidden units of the LSTM (the video vector's size)")
-        clips: int = option(3, "sequence length T: clips per video, one from each of T segments")
+        hidden: int = option(512, "hidden units of the LSTM (the video vector's size)", low=1)
+        clips: int = option(3, "sequence length T: clips per video, one from each of T segments", low=1)
         order_blind: bool = option(False, "feed the mean clip vector at every step: a trained control that "
                                           "cannot see order")
         peephole: bool = option(False, "the paper's eqs. 3, 4, 6: the input and forget gates also see c(t-1), "
                                        "the output gate c(t), through per-unit weights (zero at start)")
 
-    def __init__(self, options=None, in_dim: int = 768):
-        super().__init__(options)
-        if self.options.hidden < 1:
-            raise ConfigError(f"head lstm: option hidden must be >= 1, got {self.options.hidden}")
+    def __init__(self, options=None, in_dim: int | None = None):
+        super().__init__(options, in_dim)
         self.lstm = nn.LSTM(in_dim, self.options.hidden, batch_first=True)
         if self.options.peephole:   # W_cI, W_cf, W_co of the paper, diagonal: zero starts as the standard cell
             self.peephole = nn.Parameter(torch.zeros(3, self.options.hidden))

@@ -18,10 +18,12 @@ class RelationVideoNetwork(Head):
     """
 
     consumes = "maps"
+    kind = "probability"
+    loss = "mse"
     variant = "rvn1"
 
-    def __init__(self, options=None, in_dim: int = 768, width: int = 64):
-        super().__init__(options)
+    def __init__(self, options=None, in_dim: int | None = None, width: int = 64):
+        super().__init__(options, in_dim)
         k1, k2 = KERNELS[self.variant]
         self.conv1 = nn.Conv3d(2 * in_dim, width, k1, padding=tuple(k // 2 for k in k1))
         self.bn1 = nn.BatchNorm3d(width)
@@ -29,12 +31,11 @@ class RelationVideoNetwork(Head):
         self.bn2 = nn.BatchNorm3d(width)
         self.fc1 = nn.Linear(width, width)
         self.fc2 = nn.Linear(width, 1)
-        self.in_dim = in_dim
 
     def encode(self, maps: torch.Tensor) -> torch.Tensor:
-        """(B, 768, t, h, w) -> (B, 2, 64, t, h, w): the support and the query half of conv1 (no bias)."""
+        """(B, D, t, h, w) -> (B, 2, 64, t, h, w): the support and the query half of conv1 (no bias)."""
         w = self.conv1.weight
-        halves = torch.cat([w[:, :self.in_dim], w[:, self.in_dim:]])            # (128, 768, k, k, k)
+        halves = torch.cat([w[:, :self.in_dim], w[:, self.in_dim:]])            # (128, D, k, k, k)
         out = nn.functional.conv3d(maps, halves, None, padding=self.conv1.padding)
         return out.unflatten(1, (2, w.shape[0]))
 

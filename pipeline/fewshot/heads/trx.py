@@ -9,7 +9,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from . import Head, option, register, show
-from .matching import SequenceOptions
+from .matching import SequenceOptions, TemperatureOptions, scaled
 
 
 # per video: the attention of one 75-query 5-way episode is 375 x tuples^2 floats per tuple size;
@@ -19,23 +19,34 @@ MAX_TUPLES = 1024
 
 @register("trx")
 class TemporalRelationalCrossTransformer(Head):
-    """Temporal-relational cross-transformer (TRX, Perrett et al., CVPR 2021) on frozen clip vectors:
-    ordered tuples of 2 and 3 clips (with a positional encoding) give keys and values; each query tuple
-    attends over all tuples of a class's K shots to build a query-specific prototype; the score is
-    minus the mean squared distance of the query's values to it, averaged over the tuple sizes."""
+    """Temporal-relational cross-transformer (TRX, Perrett et al., CVPR 2021; tobyperrett/trx
+    `TemporalCrossTransformer`, `CNN_TRX`) on frozen clip vectors: the steps plus a sinusoidal positional
+    encoding x 0.1, with dropout 0.1 in training; all ordered tuples of 2 and 3 steps give keys
+    (Linear + LayerNorm) and values (Linear); each query tuple attends over all tuples of a class's K
+    shots to build a query-specific prototype; the score is minus the squared distance of the query's
+    values to it, averaged over the tuples, then over the tuple sizes: logits, trained with
+    cross-entropy. `weight` and `temperature` are the matching study's additions (1: TRX's)."""
+
+    kind = "logits"
+    loss = "ce"
 
     @dataclass
-    class Options(SequenceOptions):
-        tuple_sizes: tuple[int, ...] = option((2, 3), "tuple cardinalities, comma-separated")
-        dim: int = option(1152, "size of the keys and values")
+    class Options(TemperatureOptions, SequenceOptions):
+        tuple_sizes: tuple[int, ...] = option((2, 3), "tuple cardinalities, comma-separated", low=1)
+        dim: int = option(1152, "size of the keys and values", low=1)
+        dropout: float = option(0.1, "dropout on the steps plus positional encoding, in training", low=0, below=1)
 
-    def __init__(self, options=None, in_dim: int = 768):
-        super().__init__(options)
+    def __init__(self, options=None, in_dim: int | None = None):
+        super().__init__(options, in_dim)
         o = self.options
+        if not o.per_step and max(o.tuple_sizes) > o.clips:
+            raise ConfigError(f"tuple size {max(o.tuple_sizes)} is larger than the sequence ({o.clips} clips); use "
+                              "smaller tuple_sizes or more clips")
         self.keys = nn.ModuleList(nn.Linear(s * in_dim, o.dim) for s in o.tuple_sizes)
         self.values = nn.ModuleList(nn.Linear(s * in_dim, o.dim) for s in o.tuple_sizes)
         self.key_norms = nn.ModuleList(nn.LayerNorm(o.dim) for _ in o.tuple_sizes)
-        self.in_dim = in_dim
+        self.dropout = nn.Dropout(o.dropout)
+        scaled(self, o)
         self.length = None         # the sequence length L seen: T clips, or T x t steps with per_step
 
     def _layout(self, length: int) -> None:
@@ -58,12 +69,12 @@ class TemporalRelationalCrossTransformer(Head):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, 768) steps -> (B, tuples, 2 * dim): each tuple's key then value, all sizes in a row."""
+        """(B, L, D) steps -> (B, tuples, 2 * dim): each tuple's key then value, all sizes in a row."""
         self._layout(x.shape[1])
-        x = x + self.position.to(x)
+        x = self.dropout(x + self.position.to(x))
         out = []
         for idx, key, value, norm in zip(self.tuples, self.keys, self.values, self.key_norms):
-            t = x[:, idx].flatten(-2)                                           # (B, n_s, s * 768)
+            t = x[:, idx].flatten(-2)                                           # (B, n_s, s * D)
             out.append(torch.cat([norm(key(t)), value(t)], -1))
         return torch.cat(out, 1)
 
@@ -83,13 +94,13 @@ class TemporalRelationalCrossTransformer(Head):
             dist = q[:, None, :, d:].square().sum(-1) - 2 * (att * cross).sum(-1) + p_sq
             total = total - dist.mean(-1)
             start += len(idx)
-        return total / len(self.tuples)
+        return total / len(self.tuples) * self.weight * self.options.temperature
 
 
 def sinusoid(length: int, dim: int) -> torch.Tensor:
-    """(length, dim) sinusoidal positional encoding (Vaswani et al. 2017)."""
-    pos = torch.arange(length, dtype=torch.float32)[:, None]
-    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
-    pe = torch.zeros(length, dim)
+    """(length, dim) sinusoidal positional encoding (Vaswani et al. 2017), in float64."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, dtype=torch.float64)
     pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
     return pe
