@@ -487,7 +487,7 @@ def head_figures(r: Report, p, dev):
     print(f"# synthetic pooled cache: {n_videos} videos x 3 clips x 768 float32 in memory "
           f"({', '.join(f'{k} {c}x{v}' for k, (c, v) in p.split.items())} classes x videos)", flush=True)
     torch.manual_seed(0)
-    lstm = heads.build("lstm", {"hidden": 512})
+    lstm = heads.build("lstm", {"hidden": 512}, 768)
 
     with r.figure(f"episode_loss on {dev.type}"):
         g = torch.Generator().manual_seed(0)
@@ -525,7 +525,7 @@ def head_figures(r: Report, p, dev):
     rng = np.random.default_rng(0)
     eps = np.stack([sampler.sample(rng) for _ in range(p.eval_episodes)])
     what = f"{len(eps)} episodes, 5-way 1-shot 15 queries, {len(xte)} test videos encoded once"
-    for hname, head in (("lstm", lstm), ("mean", heads.build("mean"))):
+    for hname, head in (("lstm", lstm), ("mean", heads.build("mean", {}, 768))):
         accs = {}
         for d in devices:
             name = f"eval {hname} on {d.type}"

@@ -83,13 +83,13 @@ def matchers(a, tmp):
         test = load(st, "test", "pooled", views=1)
     eps = fixed_episodes(cache, test.ids, test.by_class(), "test", 5, 1, 15, 6000, 0)
     for name in ("diag", "max", "bimhm", "otam", "chamfer", "trx"):
-        head = heads.build(name, {"clips": 8})
+        head = heads.build(name, {"clips": 8}, 768)
         line = f"{name} at T=8:"
         if list(head.parameters()):
             r = train(cache, tmp / f"m_{name}", TrainConfig(head=name, head_options={"clips": 8},
                                                            episodes=a.matcher_episodes, val_every=10 ** 6,
                                                            val_episodes=20), progress=False)[0]
-            head = heads.build(name, {"clips": 8})
+            head = heads.build(name, {"clips": 8}, 768)
             line += f" training {a.matcher_episodes / (r['seconds'] - r['val_seconds']):.1f} episodes/s;"
         else:
             line += " no parameters (nothing to train);"
@@ -134,7 +134,7 @@ def stacked_seeds(reps: int = 300):
         return step
 
     def library():
-        head = heads.build("lstm")
+        head = heads.build("lstm", {}, 768)
         opt = torch.optim.Adam(head.parameters(), fused=True)
         x = torch.randn(10, 3, 768)
 
@@ -184,7 +184,7 @@ def paper_heads(a, tmp):
         evaluate([tmp / run], cache, episodes=600, runs=10)
         print(f"{name} eval, 6000 episodes (5-way 1-shot, 15 queries), best.pt and last.pt: "
               f"{time.perf_counter() - t:.2f} s; peak RSS {rss_mb():.0f} MB")
-    head = heads.build("rvn1").eval()
+    head = heads.build("rvn1", {}, 768).eval()
     maps = torch.randn(2745, 768, 8, 4, 4, dtype=torch.float16)   # UCF101 test split, clip-mean maps
     eps = np.stack([rng.choice(2745, 80, replace=False).reshape(5, 16) for _ in range(20)])
     with torch.no_grad():

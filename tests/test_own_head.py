@@ -24,9 +24,9 @@ class Favourite(EmbeddingHead):
         position: int = option(0, "the class position that gets the bonus")
         bonus: float = option(10.0, "added to that class's score")
 
-    def __init__(self, options=None):
-        super().__init__(options)
-        self.proj = torch.nn.Linear(768, 16)
+    def __init__(self, options, in_dim):
+        super().__init__(options, in_dim)
+        self.proj = torch.nn.Linear(in_dim, 16)
 
     def encode(self, x):
         return self.proj(x.mean(1))
@@ -94,10 +94,11 @@ def test_readme_head_runs_end_to_end(trained, tmp_path):
     assert r.returncode == 0 and "euclid" in r.stdout and "temperature" in r.stdout
     run = tmp_path / "runs" / "euclid"
     r = cli("train", "--cache", str(trained / "c.h5"), "--out", str(run), "--head-file", str(path), "--head", "euclid",
-            "--head-opt", "dim=32", "--loss", "ce", *TRAIN)
+            "--head-opt", "dim=32", *TRAIN)
     assert r.returncode == 0, r.stderr
     r = cli("info", str(run / "seed-0" / "best.pt"))
     assert r.returncode == 0 and "dim=32" in r.stdout and str(path) in r.stdout
+    assert "loss ce\n" in r.stdout      # the head's own loss, not circle
     metrics = tmp_path / "metrics"
     r = cli("eval", str(run), "--cache", str(trained / "c.h5"), "--n-way", "3", "--q-query", "2",
             "--episodes", "20", "--runs", "2", "--metrics", str(metrics / "euclid.json"))
@@ -125,6 +126,14 @@ def test_bad_inputs_end_in_one_line(trained, tmp_path):
         (["train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "r"), "--head-opt", "hidden=big"],
          "option hidden='big' is not a valid int"),
         (["train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "r"), "--head", "nope"], "unknown head"),
+    ]
+    old_style = tmp_path / "old_heads.py"      # a head written before heads were told the feature size
+    old_style.write_text(FAVOURITE.replace("options, in_dim", "options=None").replace("(options, in_dim)", "(options)"))
+    readme = readme_head(tmp_path)
+    cases += [
+        (["heads", "--head-file", str(old_style)], "__init__ must take (options, in_dim)"),
+        (["train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "r"), "--head-file", str(readme),
+          "--head", "euclid", "--loss", "circle"], "circle loss"),
     ]
     newer = torch.load(trained / "run/seed-0/best.pt", weights_only=False)
     newer["format"] = 99

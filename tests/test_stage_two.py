@@ -63,10 +63,10 @@ def test_fixed_episode_file_is_stable(tmp_path):
 
 def test_head_shapes_and_rvn_split_equals_concatenation():
     x = torch.randn(4, 3, 768)
-    assert heads.build("lstm", {"hidden": 64}).encode(x).shape == (4, 64)
-    assert torch.allclose(heads.build("mean").encode(x), x.mean(1))
+    assert heads.build("lstm", {"hidden": 64}, 768).encode(x).shape == (4, 64)
+    assert torch.allclose(heads.build("mean", {}, 768).encode(x), x.mean(1), atol=1e-6)
     for name in ("rvn1", "rvn2", "rvn3"):
-        h = heads.build(name).eval()
+        h = heads.build(name, {}, 768).eval()
         s, q = torch.randn(5, 2, 768, 8, 4, 4), torch.randn(7, 768, 8, 4, 4)    # 5-way 2-shot, 7 queries
         out = h(s, q)
         assert out.shape == (7, 5) and ((out > 0) & (out < 1)).all()
@@ -76,7 +76,7 @@ def test_head_shapes_and_rvn_split_equals_concatenation():
 
 def test_lstm_head_equals_torch_lstm_values_and_gradients():
     torch.manual_seed(0)
-    head = heads.build("lstm", {"hidden": 32})
+    head = heads.build("lstm", {"hidden": 32}, 768)
     x = torch.randn(6, 3, 768, requires_grad=True)
     ours = head.encode(x)
     _, (h, _) = head.lstm(x)                       # the same parameters through nn.LSTM
@@ -92,7 +92,7 @@ def test_lstm_head_equals_torch_lstm_values_and_gradients():
 def test_peephole_lstm_follows_the_papers_equations_values_and_gradients():
     """Against eqs. 3-7 written out unit by unit (float64, with `o * tanh(c)` for eq. 7's typo)."""
     torch.manual_seed(1)
-    head = heads.build("lstm", {"hidden": 3, "peephole": True}).double()
+    head = heads.build("lstm", {"hidden": 3, "peephole": True}, 768).double()
     with torch.no_grad():
         head.peephole.normal_()                    # zero at start: give the peepholes something to do
     x = torch.randn(2, 4, 768, dtype=torch.float64)
@@ -128,8 +128,8 @@ def test_peephole_lstm_follows_the_papers_equations_values_and_gradients():
     for a, b in zip(g_ours, g_ref):
         assert torch.allclose(a, b, atol=1e-12) and a.abs().sum() > 0
     assert not torch.allclose(ours, reference(x, *args[:3], torch.zeros_like(peep)), atol=1e-3)   # they matter
-    plain = heads.build("lstm", {"hidden": 3})
-    zero = heads.build("lstm", {"hidden": 3, "peephole": True})            # zero peepholes: the standard cell
+    plain = heads.build("lstm", {"hidden": 3}, 768)
+    zero = heads.build("lstm", {"hidden": 3, "peephole": True}, 768)            # zero peepholes: the standard cell
     zero.lstm.load_state_dict(plain.lstm.state_dict())
     assert torch.allclose(zero.encode(x.float()), plain.encode(x.float()), atol=1e-6)
 
@@ -231,7 +231,7 @@ def test_eval_refuses_a_cache_with_other_settings(cache, tmp_path):
 def test_a_format_1_checkpoint_loads_as_it_was_trained(tmp_path):
     from pipeline.fewshot import checkpoint
     torch.manual_seed(0)
-    head = heads.build("lstm", {"hidden": 8}).eval()
+    head = heads.build("lstm", {"hidden": 8}, 768).eval()
     old = dict(head="lstm", head_config={"hidden": 8}, state_dict=head.state_dict(), episode=250, best_val=0.5,
                train_config=dict(head="lstm", hidden=8, loss="circle", k_shot=1, seed=0),
                cache=dict(path="c.h5", settings={}, settings_hash="x", provenance={}))
@@ -263,7 +263,7 @@ def test_per_video_circle_loss_trains_k_shot(cache, tmp_path):
     from pipeline.fewshot.train import episode_scores
     from pipeline.fewshot.features import load
     from pipeline.store import FeatureStore
-    head = heads.build("lstm", {"hidden": 8})
+    head = heads.build("lstm", {"hidden": 8}, 768)
     with FeatureStore(cache) as st:
         feats = load(st, "train", "pooled")
     episode = np.stack([feats.by_class()[c][:4] for c in sorted(feats.by_class())[:3]])   # 3-way 2-shot 2 queries

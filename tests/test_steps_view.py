@@ -112,10 +112,14 @@ def test_sequence_lengths_a_head_cannot_use_are_refused():
     import torch
     from pipeline.errors import ConfigError
     with pytest.raises(ConfigError, match="tuple size 3 is larger than the sequence"):
-        heads.build("trx", {"clips": 2, "dim": 8}).encode(torch.zeros(1, 2, 768))
+        heads.build("trx", {"clips": 2, "dim": 8}, 768)
+    with pytest.raises(ConfigError, match="tuple size 3 is larger than the sequence"):
+        heads.build("trx", {"clips": 1, "per_step": True, "dim": 8}, 768).encode(torch.zeros(1, 2, 768))
     with pytest.raises(ConfigError, match="use fewer clips, per_step=false"):
-        heads.build("trx", {"clips": 8, "per_step": True, "dim": 8}).encode(torch.zeros(1, 64, 768))
-    with pytest.raises(ConfigError, match="tuple_length 3 is longer"):
-        heads.build("chamfer", {"tuple_length": 3, "dim": 8}).encode(torch.zeros(1, 2, 768))
-    with pytest.raises(ConfigError, match="clips must be >= 1"):
-        heads.build("otam", {"clips": 0})
+        heads.build("trx", {"clips": 8, "per_step": True, "dim": 8}, 768).encode(torch.zeros(1, 64, 768))
+    with pytest.raises(ConfigError, match="tuple length 3 is longer"):
+        heads.build("chamfer", {"clips": 2, "projection": 8}, 768)
+    with pytest.raises(ConfigError, match="tuple length 3 is longer"):
+        heads.build("chamfer", {"clips": 1, "per_step": True, "projection": 8}, 768).encode(torch.zeros(1, 2, 768))
+    with pytest.raises(ConfigError, match="clips=0 is out of range: clips must satisfy 1 <= x"):
+        heads.build("otam", {"clips": 0}, 768)

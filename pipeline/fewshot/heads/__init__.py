@@ -39,8 +39,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 import importlib.util
+import inspect
+import math
 import pkgutil
 import sys
 import typing
@@ -134,6 +135,12 @@ def register(name: str):
             raise ConfigError(f"@register({name!r}): {cls!r} is not a subclass of pipeline.fewshot.heads.Head")
         if cls.consumes not in CONSUMES:
             raise ConfigError(f"head {name!r}: consumes must be one of {CONSUMES}, got {cls.consumes!r}")
+        if cls.kind not in KINDS:
+            raise ConfigError(f"head {name!r}: kind must be one of {KINDS}, got {cls.kind!r}")
+        if "in_dim" not in inspect.signature(cls.__init__).parameters:
+            raise ConfigError(f"head {name!r} in {inspect.getsourcefile(cls)}: __init__ must take (options, in_dim), "
+                              "in_dim being the cache's feature size (this toolkit passes it since checkpoint "
+                              "format 3; see the README's 'Write your own head')")
         old = HEADS.get(name)
         if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ConfigError(f"head {name!r} from {cls.__module__} is already registered by {old.__module__}")
