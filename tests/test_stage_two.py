@@ -301,3 +301,37 @@ def test_train_views_random_draws_only_the_random_crops(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="centre crop only"):
         train(one, tmp_path / "none", TrainConfig(train_views="random", **fast), progress=False)
     assert not (tmp_path / "none").exists()
+
+
+def test_a_format_2_chamfer_checkpoint_loads_as_it_was_trained(tmp_path):
+    """Format 2's chamfer (consecutive tuples, `proj`/`norm`, a learnt log-scale) is rebuilt as the
+    study's head with those settings; its scores differ only by the study's cosine epsilon (0.01)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from pipeline.fewshot import checkpoint
+    g = torch.Generator().manual_seed(0)
+    state = {"proj.weight": 0.05 * torch.randn(16, 2 * 768, generator=g), "proj.bias": torch.randn(16, generator=g),
+             "norm.weight": 1 + 0.1 * torch.randn(16, generator=g), "norm.bias": 0.1 * torch.randn(16, generator=g),
+             "log_scale": torch.tensor(math.log(7.0))}
+    opts = dict(clips=3, per_step=False, tuple_length=2, dim=16, scale=1.0, learn_scale=True)
+    old = dict(format=2, head="chamfer", head_options=opts, state_dict=state, episode=250, best_val=0.5, resume=None,
+               train_config=dict(head="chamfer", head_options=opts, loss="circle", k_shot=1, seed=0),
+               cache=dict(path="c.h5", settings={}, settings_hash="x", provenance={}))
+    torch.save(old, tmp_path / "old.pt")
+    ck = checkpoint.load(tmp_path / "old.pt")
+    assert ck.head_options["tuples"] == "consecutive" and ck.head_options["projection"] == 16
+
+    def old_scores(support, queries):   # format 2's ChamferMatcher, written out
+        def enc(x):
+            t = torch.stack([torch.cat([v[i], v[i + 1]]) for v in x for i in range(2)]).view(len(x), 2, -1)
+            return F.normalize(F.layer_norm(t @ state["proj.weight"].T + state["proj.bias"], (16,),
+                                            state["norm.weight"], state["norm.bias"]), dim=-1)
+        s, q = enc(support.flatten(0, 1)).unflatten(0, support.shape[:2]).flatten(1, 2), enc(queries)
+        sims = torch.einsum("mud,nvd->mnuv", q, s)
+        return 7.0 * 0.5 * (sims.amax(-1).mean(-1) + sims.amax(-2).mean(-1))
+
+    support, queries = torch.randn(3, 2, 3, 768, generator=g), torch.randn(4, 3, 768, generator=g)
+    with torch.no_grad():
+        assert torch.allclose(ck.build_head()(support, queries), old_scores(support, queries), rtol=2e-3, atol=0)

@@ -105,8 +105,10 @@ class StepMatcher(Head):
     def __init__(self, options=None, in_dim: int | None = None):
         super().__init__(options, in_dim)
         o = self.options
-        if not o.per_step:          # tuples longer than the sequence fail here, not in the first episode
-            step_tuples(o.clips, o.tuple_length, o.tuples)
+        if not o.per_step and o.tuple_length > o.clips:   # here, not in the first episode
+            raise ConfigError(f"head {getattr(type(self), 'registered_name', type(self).__name__)}: tuple_length "
+                              f"{o.tuple_length} is longer than the sequence ({o.clips} clips); use a smaller "
+                              "tuple_length or more clips")
         if o.projection:
             self.fc = nn.Linear(o.tuple_length * in_dim, o.projection)
             self.layer_norm = nn.LayerNorm(o.projection)

@@ -40,7 +40,7 @@ class TemporalRelationalCrossTransformer(Head):
         super().__init__(options, in_dim)
         o = self.options
         if not o.per_step and max(o.tuple_sizes) > o.clips:
-            raise ConfigError(f"tuple size {max(o.tuple_sizes)} is larger than the sequence ({o.clips} clips); use "
+            raise ConfigError(f"head trx: tuple size {max(o.tuple_sizes)} is larger than the sequence ({o.clips} clips); use "
                               "smaller tuple_sizes or more clips")
         self.keys = nn.ModuleList(nn.Linear(s * in_dim, o.dim) for s in o.tuple_sizes)
         self.values = nn.ModuleList(nn.Linear(s * in_dim, o.dim) for s in o.tuple_sizes)
