@@ -8,7 +8,8 @@ paper's 18,000 episodes with both optimizer presets (validation every 250 timed 
 seeds against 1 (the head preset's 2,000 episodes), how far stacking seeds into one model could go, eval time
 for 600 x 10 episodes (lstm, mean), rvn eval episodes/s with the split first convolution vs the
 naive per-pair computation (in memory, UCF101 test size), and peak memory (max RSS) after each step.
-Then the matching heads at T = 8 clips on a second UCF101-sized cache of 8 clips per video: training
+Then the matching heads at T = 8 clips, each at its published defaults (the study's projection 1152,
+Chamfer++'s 56 triples), on a second UCF101-sized cache of 8 clips per video: training
 episodes/s (5-way 1-shot; heads with parameters) and evaluation of 6,000 test episodes (15 queries),
 with TRX's multiply-adds per episode and the rate reached. `--matchers-only` runs just that part.
 """
@@ -82,7 +83,7 @@ def matchers(a, tmp):
     with FeatureStore(cache) as st:
         test = load(st, "test", "pooled", views=1)
     eps = fixed_episodes(cache, test.ids, test.by_class(), "test", 5, 1, 15, 6000, 0)
-    for name in ("diag", "max", "bimhm", "otam", "chamfer", "trx"):
+    for name in ("diag", "max", "linear", "visil", "bimhm", "otam", "chamfer", "trx"):   # published defaults
         head = heads.build(name, {"clips": 8}, 768)
         line = f"{name} at T=8:"
         if list(head.parameters()):

@@ -61,7 +61,7 @@ def demo_data(out: Path = typer.Option(Path("data/demo"), help="Folder to write 
     typer.echo(f"demo dataset in {out}: {n} classes x {videos_per_class} videos; split files in {out / 'splits'}")
 
 
-LAYOUT_HELP = "ucf101 | hmdb51 | kinetics | ssv2 | folder (see README: On the real datasets)."
+LAYOUT_HELP = "ucf101 | hmdb51 | kinetics | ssv2 | folder (see docs/datasets.md)."
 
 
 @app.command()

@@ -207,3 +207,14 @@ def test_dense_sampling_and_library_call(dataset, tmp_path):
         extract_features(entries[:2], tmp_path / "d.h5", ExtractSettings(Sampling("dense", frames=4, step=1),
                                                                          Preprocess(resize=40, crop=32)), backbone,
                          workers=0, progress=False)
+
+
+def test_half_precision_is_flagged_where_the_cpu_would_emulate_it(tmp_path):
+    from pipeline.device import slow_half_precision
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert slow_half_precision("bf16", str(avx2)) and slow_half_precision("fp16", str(avx2))
+    assert not slow_half_precision("bf16", str(amx)) and slow_half_precision("fp16", str(amx))
+    assert not slow_half_precision("fp32", str(avx2)) and not slow_half_precision("bf16", str(tmp_path / "none"))

@@ -150,3 +150,10 @@ def test_every_head_trains_and_evaluates_on_another_feature_size(d, tmp_path):
     for name, r in zip(NAMES, results):
         assert 0 <= r["accuracy"] <= 1, name
         assert torch.load(tmp_path / name / "seed-0" / "best.pt", weights_only=False)["cache"]["feature_size"] == d
+
+
+def test_tables_show_the_options_that_differ_from_the_defaults():
+    full = dataclasses.asdict(heads.parse_options(heads.get("chamfer"), {"clips": "3", "tuples": "consecutive"}))
+    assert heads.changed_options("chamfer", full) == {"clips": 3, "tuples": "consecutive"}
+    assert heads.changed_options("trx", dataclasses.asdict(heads.parse_options(heads.get("trx"), {}))) == {}
+    assert heads.changed_options("not-loaded", {"a": 1}) == {"a": 1}

@@ -1,4 +1,4 @@
-"""A head from the user's own file, through train -> eval -> predict -> report, as the README shows it."""
+"""A head from the user's own file, through train -> eval -> predict -> report, as docs/heads.md shows it."""
 import json
 import re
 from pathlib import Path
@@ -7,7 +7,7 @@ import torch
 
 from conftest import cli, flat_video
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+HEADS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "heads.md"
 
 # Scores = cosine + a bonus for one class position: if evaluation and predict use the head's scores,
 # every answer is that position, so test accuracy is exactly 1/N and predict always names that class.
@@ -40,8 +40,8 @@ TRAIN = ["--n-way", "2", "--episodes", "20", "--val-every", "10", "--val-episode
 
 
 def readme_head(tmp_path) -> Path:
-    """The python block of the README's "Write your own head" section, as the user would save it."""
-    section = README.read_text().split("## Write your own head", 1)[1]
+    """The python block of docs/heads.md's "Write your own head" section, as the user would save it."""
+    section = HEADS_PAGE.read_text().split("## Write your own head", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.strip().splitlines()) <= 30
     path = tmp_path / "my_heads.py"

@@ -15,6 +15,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from ..errors import ConfigError
 from ..files import atomic_path, atomic_write_text, exclusive, sha256
 from ..store import CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps, read_settings
-from ..device import pick_device
+from ..device import NATIVE_HALF, pick_device, slow_half_precision
 from .backbone import Backbone, BatchForward
 from .datasets import VideoEntry
 from .settings import ExtractSettings
@@ -187,6 +188,9 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                       opencv=cv2.__version__, python=platform.python_version(),
                       shard=f"{i}/{n}", **(extra_provenance or {}))
     dev = pick_device(device)
+    if dev.type == "cpu" and slow_half_precision(settings.precision):
+        warnings.warn(f"--precision {settings.precision} on this CPU is emulated (no {' or '.join(NATIVE_HALF[settings.precision])} "
+                      "instructions) and can run 50x slower than --precision fp32", stacklevel=2)
     forward = BatchForward(backbone.model, dev, settings, channels_last)
     frames = settings.sampling.frames
     reader = _Reader(workers, settings)

@@ -14,7 +14,7 @@ from ..errors import ConfigError, MissingFile, PipelineError
 from ..files import atomic_path, atomic_write_text
 from ..store import FeatureStore, check_settings
 from . import checkpoint
-from .heads import format_options
+from .heads import changed_options, format_options
 from .episodes import episodes_digest, fixed_episodes
 from .features import load
 from .metrics import format_p, mean_ci, over_seeds, paired, summarize
@@ -248,7 +248,7 @@ def table(results: list[dict]) -> str:
     """A Markdown table: per run the mean over seeds with a 95% interval (what it covers is in the
     last column), the seeds' range, the selected and the last checkpoints' validation and test
     accuracy, and the paired comparison with the best run."""
-    lines = ["| run | head | loss | options | N-way K-shot | accuracy (%) ± 95% CI | seeds: min-max | "
+    lines = ["| run | head | loss | options (not default) | N-way K-shot | accuracy (%) ± 95% CI | seeds: min-max | "
              "val / test, selected ckpt | val / test, last ckpt | vs best: diff, p | noise covered |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -264,7 +264,7 @@ def table(results: list[dict]) -> str:
         seeds = r["per_seed"]
         sel = f"{_mean_pct(seeds, 'val')} / {_mean_pct(seeds, 'test')}"
         last = f"{_mean_pct(seeds, 'last_val')} / {_mean_pct(seeds, 'last_test')}"
-        options = format_options(r.get("head_options", {}))
+        options = format_options(changed_options(r["head"], r.get("head_options", {}))) or "defaults"
         lines.append(f"| {r['run']} | {r['head']} | {r['loss']} | {options} | {r['n_way']}-way {r['k_shot']}-shot | "
                      f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.2f} | {r['seeds']}: "
                      f"{100 * r['seed_min']:.2f}-{100 * r['seed_max']:.2f} | {sel} | {last} | {cmp} | {r['noise']} |")

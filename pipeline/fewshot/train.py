@@ -25,7 +25,7 @@ OPTIMIZERS = {
     # The paper's values (SGD, lr 1e-5, x0.1 every 12,000 episodes, 18,000 episodes); they were set
     # for fine-tuning the whole network end to end and barely move a freshly initialised head.
     "paper": ("sgd", 1e-5, 12000, 0.1, 18000),
-    # Head-only training on cached features (chosen on the demo cache, see README).
+    # Head-only training on cached features (chosen on the demo cache, see docs/training-evaluation.md).
     "head": ("adam", 1e-3, 1500, 0.1, 2000),
 }
 

@@ -85,15 +85,30 @@ def encode_test_videos(runs, runs_dir, cache):
     return feats, encoded
 
 
+def panel_grid(plt, count: int, width: float, height: float):
+    """A figure of `count` panels: one column up to four, else a grid of two or three columns; the
+    layout engine keeps the title, labels and colour bars apart. Returns the figure and its axes in
+    reading order (spare axes hidden)."""
+    cols = 1 if count <= 4 else 2 if count <= 8 else 3
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows + 0.8), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
 def similarity_figure(path, feats, encoded, cache, plt):
     """Fig. 8: each head's scores of the queries of one fixed test episode against its classes
-    (for embedding heads, the cosine to the support video), and the ground truth."""
+    (for embedding heads, the cosine to the support video), and the ground truth; rows are the
+    support classes by name, queries are grouped by their class."""
     from ..fewshot.episodes import fixed_episodes
     r0 = encoded[0][0]
     ref = next(iter(feats.values()))
     ep = fixed_episodes(Path(cache), ref.ids, ref.by_class(), "test", r0["n_way"], 1, r0["q_query"],
                         r0["episodes"], r0["seed"])[0]
     n, kq = ep.shape
+    names = [str(ref.classes[i]) for i in ep[:, 0]]                      # the support classes, in order
     panels = []
     with torch.no_grad():
         for r, head, z in encoded:
@@ -101,18 +116,21 @@ def similarity_figure(path, feats, encoded, cache, plt):
             check_scores(scores[None], lambda _: f"the first test episode ({r['run']})")
             panels.append((f"{r['run']} ({r['head']}, {r['loss']})", scores.T.numpy()))
     panels.append(("ground truth", np.kron(np.eye(n), np.ones((1, kq - 1)))))
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.6 * len(panels) + 0.6), squeeze=False)
-    for ax, (title, sim) in zip(axes[:, 0], panels):
+    fig, axes = panel_grid(plt, len(panels), 7.5, 0.28 * n + 1.1)
+    for i, (ax, (title, sim)) in enumerate(zip(axes, panels)):
         # each panel its own range: raw cosines of frozen features differ in the second decimal,
         # distances (otam, trx) are negative; a shared range would show them flat
-        im = ax.imshow(sim, aspect="auto", cmap="viridis")
+        im = ax.imshow(sim, aspect="auto", cmap="viridis", interpolation="nearest")
         ax.set_title(title, fontsize=9)
-        ax.set_ylabel("support class")
-        fig.colorbar(im, ax=ax, fraction=0.02)
-    axes[-1, 0].set_xlabel(f"query (15 per class x {n} classes)")
-    fig.suptitle("Scores of queries against support classes, first fixed test episode (5-way 1-shot); "
-                 "colours scaled per panel")
-    fig.tight_layout()
+        ax.set_yticks(range(n), names, fontsize=7)
+        ax.set_xticks([(c + 0.5) * (kq - 1) - 0.5 for c in range(n)], names, fontsize=7)
+        for c in range(1, n):
+            ax.axvline(c * (kq - 1) - 0.5, color="white", lw=0.6)
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    fig.supxlabel(f"queries, {kq - 1} per class, grouped by their class", fontsize=9)
+    fig.supylabel("support class", fontsize=9)
+    fig.suptitle(f"Scores of the queries against the support classes, first fixed test episode "
+                 f"({n}-way 1-shot); colours scaled per panel", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -120,23 +138,23 @@ def similarity_figure(path, feats, encoded, cache, plt):
 
 def tsne_figure(path, feats, encoded, plt):
     """Fig. 6: t-SNE of each head's per-video encoding (the video vector of embedding heads) of the
-    test videos, unit-normalised, one panel per run."""
+    test videos, unit-normalised, one panel per run, one legend of class names for all."""
     from sklearn.manifold import TSNE
     classes_of = next(iter(feats.values())).classes
     classes = sorted(set(classes_of))
-    fig, axes = plt.subplots(1, len(encoded), figsize=(5 * len(encoded), 4.6), squeeze=False)
-    for ax, (r, _, z) in zip(axes[0], encoded):
+    fig, axes = panel_grid(plt, len(encoded), 4.2, 3.6)
+    for ax, (r, _, z) in zip(axes, encoded):
         v = F.normalize(z.flatten(1), dim=-1).numpy()
         xy = TSNE(2, perplexity=min(30, len(v) - 1), init="pca", random_state=0).fit_transform(v)
         for c in classes:
             m = classes_of == c
-            ax.scatter(xy[m, 0], xy[m, 1], s=10, label=c)
-        ax.set_title(f"{r['run']} ({r['head']}, {r['loss']})", fontsize=10)
+            ax.scatter(xy[m, 0], xy[m, 1], s=8, label=c)
+        ax.set_title(f"{r['run']} ({r['head']}, {r['loss']})", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, -1].legend(fontsize=7, loc="best", markerscale=1.5)
-    fig.suptitle("t-SNE of test video vectors, coloured by class")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(6, len(classes)),
+               fontsize=8, markerscale=1.5)
+    fig.suptitle("t-SNE of the test videos' encodings, coloured by class", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -179,28 +197,33 @@ def sweep_figures(out: Path, runs, plt) -> list[Path]:
 
 
 def curves_figure(path, runs_dir, plt):
+    """Learning curves, one line per run: the mean over its training seeds, the band their range."""
     curves = {}
     for f in sorted(Path(runs_dir).glob("*/seed-*/curve.csv")):
         with open(f) as fh:
             rows = list(csv.DictReader(fh))
         if len(rows) > 1:
-            curves[f"{f.parent.parent.name} {f.parent.name}"] = rows
+            curves.setdefault(f.parent.parent.name, []).append(rows)
     if not curves:
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name, rows in curves.items():
-        ep = [int(r["episode"]) for r in rows]
-        a.plot(ep, [float(r["loss"]) for r in rows], marker=".", label=name)
-        b.plot(ep, [100 * float(r["val_accuracy"]) for r in rows], marker=".", label=name)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    for name, seeds in curves.items():
+        n = min(len(rows) for rows in seeds)            # seeds of one run share the validation schedule
+        ep = [int(r["episode"]) for r in seeds[0][:n]]
+        for ax, key, scale in ((a, "loss", 1), (b, "val_accuracy", 100)):
+            v = np.array([[scale * float(r[key]) for r in rows[:n]] for rows in seeds])
+            line, = ax.plot(ep, v.mean(0), marker=".", label=f"{name} ({len(seeds)} seed{'s' * (len(seeds) > 1)})")
+            if len(seeds) > 1:
+                ax.fill_between(ep, v.min(0), v.max(0), color=line.get_color(), alpha=0.15)
     a.set_xlabel("training episode")
     a.set_ylabel("training loss (mean since last validation)")
     a.set_yscale("log")
     b.set_xlabel("training episode")
     b.set_ylabel("validation accuracy (%)")
-    a.set_title("Training loss")
-    b.set_title("Validation accuracy (fixed episodes)")
-    b.legend(fontsize=8)
-    fig.tight_layout()
+    a.set_title("Training loss (each run's own loss)", fontsize=10)
+    b.set_title("Validation accuracy (fixed episodes)", fontsize=10)
+    fig.legend(*b.get_legend_handles_labels(), loc="outside right center", fontsize=8)
+    fig.suptitle("Learning curves: mean over training seeds, band = their range", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -140,7 +140,7 @@ def register(name: str):
         if "in_dim" not in inspect.signature(cls.__init__).parameters:
             raise ConfigError(f"head {name!r} in {inspect.getsourcefile(cls)}: __init__ must take (options, in_dim), "
                               "in_dim being the cache's feature size (this toolkit passes it since checkpoint "
-                              "format 3; see the README's 'Write your own head')")
+                              "format 3; see docs/heads.md, 'Write your own head')")
         old = HEADS.get(name)
         if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ConfigError(f"head {name!r} from {cls.__module__} is already registered by {old.__module__}")
@@ -234,6 +234,15 @@ def parse_options(cls, given: dict):
 def format_options(options: dict) -> str:
     """{"hidden": 512, "clips": 3} -> "hidden=512 clips=3", as tables and `pipeline info` show them."""
     return " ".join(f"{k}={show(v)}" for k, v in options.items())
+
+
+def changed_options(head: str, options: dict) -> dict:
+    """The options that differ from head `head`'s defaults (all of them for a head not registered
+    here, e.g. one from a user's file that is not loaded): what a results table needs to tell runs apart."""
+    if head not in HEADS:
+        return dict(options)
+    defaults = {n: d for n, _, d, _ in option_fields(HEADS[head])}
+    return {k: v for k, v in options.items() if k not in defaults or show(v) != show(defaults[k])}
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, str]:
