@@ -57,17 +57,21 @@ def test_a_class_column_depends_only_on_its_own_support(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_its_own_loss_pulls_every_class(name):
-    """The gradient of the head's own loss reaches the positive and every negative class of each query."""
+def test_every_loss_it_accepts_pulls_every_class(name):
+    """The gradient of each loss the head accepts (its own included) reaches the positive and every
+    negative class of each query."""
     g = torch.Generator().manual_seed(2)
     head = build(name, 24)
     kind, own = head.scoring(head.options)
     support, queries = video_input(head, 5, 24, g).unflatten(0, (5, 1)), video_input(head, 5, 24, g)
     with torch.no_grad():
-        sims = head(support, queries).float()
-    sims.requires_grad_(True)
-    episode_loss(own, sims, torch.arange(5), gamma=128.0, m=0.4, scale=1.0 if kind != "cosine" else 10.0).backward()
-    assert (sims.grad != 0).all(), (name, sims.grad)
+        scores = head(support, queries).float()
+    accepted = [loss for loss in LOSSES if loss not in PER_VIDEO and kind in ACCEPTS[loss]]
+    assert own in accepted
+    for loss in accepted:
+        sims = scores.clone().requires_grad_(True)
+        episode_loss(loss, sims, torch.arange(5), gamma=128.0, m=0.4, scale=10.0 if kind == "cosine" else 1.0).backward()
+        assert (sims.grad != 0).all(), (name, loss, sims.grad)
 
 
 def test_circle_loss_is_refused_where_it_would_leave_the_negatives_still():

@@ -117,9 +117,9 @@ def test_sequence_lengths_a_head_cannot_use_are_refused():
         heads.build("trx", {"clips": 1, "per_step": True, "dim": 8}, 768).encode(torch.zeros(1, 2, 768))
     with pytest.raises(ConfigError, match="use fewer clips, per_step=false"):
         heads.build("trx", {"clips": 8, "per_step": True, "dim": 8}, 768).encode(torch.zeros(1, 64, 768))
-    with pytest.raises(ConfigError, match="tuple length 3 is longer"):
+    with pytest.raises(ConfigError, match="tuple_length 3 is longer"):
         heads.build("chamfer", {"clips": 2, "projection": 8}, 768)
-    with pytest.raises(ConfigError, match="tuple length 3 is longer"):
+    with pytest.raises(ConfigError, match="tuple_length 3 is longer"):
         heads.build("chamfer", {"clips": 1, "per_step": True, "projection": 8}, 768).encode(torch.zeros(1, 2, 768))
     with pytest.raises(ConfigError, match="clips=0 is out of range: clips must satisfy 1 <= x"):
         heads.build("otam", {"clips": 0}, 768)

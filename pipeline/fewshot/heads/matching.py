@@ -79,7 +79,7 @@ def step_tuples(length: int, size: int, which: str = "all") -> torch.Tensor:
     """(U, size) step indices of the tuples of `size` steps of a `length`-step sequence, in the order
     of `itertools.combinations` (all) or by start (consecutive)."""
     if size > length:
-        raise ConfigError(f"tuple length {size} is longer than the sequence ({length} steps); use a smaller "
+        raise ConfigError(f"tuple_length {size} is longer than the sequence ({length} steps); use a smaller "
                           "tuple_length or more clips")
     if which == "consecutive":
         return torch.arange(length - size + 1)[:, None] + torch.arange(size)
