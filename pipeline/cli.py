@@ -120,18 +120,23 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
     from .extraction.extractor import extract_features
     from .extraction.settings import ExtractSettings
     from .extraction.video import Preprocess, Sampling
+    from .extraction.extractor import parse_shard, shard_path
+    from .files import exclusive
     sp = load_split(split)
-    entries, problems = resolve(sp, root, layout, allow_missing)
-    for f, why in problems:
-        typer.echo(f"skipped {f}: {why}", err=True)
-    backbone = Backbone.load(weights or None, seed)
-    settings = ExtractSettings(Sampling(sampling, clips, frames, step, stride), Preprocess(resize_mode, resize, crop),
-                               views, seed, flip, layer, dtype, compression, precision, backbone.sha256)
-    summary = extract_features(entries, out, settings, backbone, batch_size=batch_size, workers=workers,
-                               device=device, shard=shard, part_size=part_size, overwrite=overwrite,
-                               channels_last=channels_last,
-                               extra_provenance=dict(root=str(root), layout=layout, split=sp.name,
-                                                     missing=missing_videos(sp, entries)))
+    target = shard_path(out, *parse_shard(shard))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(target, "feature cache"):     # before the dataset scan and the backbone: a second writer waits for nothing
+        entries, problems = resolve(sp, root, layout, allow_missing)
+        for f, why in problems:
+            typer.echo(f"skipped {f}: {why}", err=True)
+        backbone = Backbone.load(weights or None, seed)
+        settings = ExtractSettings(Sampling(sampling, clips, frames, step, stride), Preprocess(resize_mode, resize, crop),
+                                   views, seed, flip, layer, dtype, compression, precision, backbone.sha256)
+        summary = extract_features(entries, out, settings, backbone, batch_size=batch_size, workers=workers,
+                                   device=device, shard=shard, part_size=part_size, overwrite=overwrite,
+                                   channels_last=channels_last,
+                                   extra_provenance=dict(root=str(root), layout=layout, split=sp.name,
+                                                         missing=missing_videos(sp, entries)))
     if summary_file:
         import json
 
@@ -228,6 +233,7 @@ def train(ctx: typer.Context,
           train_views: str = typer.Option("all", help="Cached crops drawn per video per episode: all (centre crop included) | random (only the random crops, views >= 1: the paper's training crop)."),
           device: str = typer.Option("cpu", help="Where the head trains: cpu | cuda | auto (not part of the run's settings)."),
           drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Leave out videos whose cached features hold a NaN or infinity (named, and recorded in the checkpoint) instead of stopping."),
+          overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in OUT trained with another head, options, settings or cache (otherwise refused)."),
           params: Optional[Path] = typer.Option(None, help="Take the training settings from this params file (e.g. params.yaml) ..."),
           run: Optional[str] = typer.Option(None, help="... entry runs.RUN of it (then no other training option may be given).")):
     """Stage two: train a head episodically on the cache; keeps the best-on-validation checkpoint."""
@@ -237,7 +243,7 @@ def train(ctx: typer.Context,
     if (params is None) != (run is None):
         raise ConfigError("--params and --run go together")
     if params:
-        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device", "drop_nonfinite")
+        given = [n for n in ctx.params if n not in ("cache", "out", "params", "run", "device", "drop_nonfinite", "overwrite")
                  and ctx.get_parameter_source(n).name == "COMMANDLINE"]
         if given:
             raise ConfigError(f"--run {run} takes its settings from {params}; do not also give "
@@ -247,7 +253,8 @@ def train(ctx: typer.Context,
         cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
                           seed, seeds, train_views)
-    for r in run_train(cache, out, cfg, log=typer.echo, device=device, drop_nonfinite=drop_nonfinite):
+    for r in run_train(cache, out, cfg, log=typer.echo, device=device, drop_nonfinite=drop_nonfinite,
+                       overwrite=overwrite):
         trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"
                    if r["episodes"] else "(no parameters: scored on validation, not trained)")
         typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% {trained}; checkpoint "
@@ -349,6 +356,9 @@ def predict(checkpoint: Path = typer.Option(..., help="A trained head (best.pt).
     for r in out["results"]:
         if "error" in r:
             typer.echo(f"query {r['query']} could not be read: {r['error']}", err=True)
+    if all("error" in r for r in out["results"]):
+        from .tools.predict import PredictError
+        raise PredictError(f"none of the {len(out['results'])} query videos could be read (reasons above)")
 
 
 @app.command()

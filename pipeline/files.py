@@ -46,12 +46,19 @@ def atomic_write_text(path, text: str) -> None:
         Path(tmp).write_text(text)
 
 
+_HELD: set[Path] = set()     # lock files this process holds
+
+
 @contextmanager
 def exclusive(path, what: str):
     """Holds an exclusive lock on `<path>.lock` for the block; a second holder is refused at once
     with the first one's pid, host and command. The kernel releases the lock when the process
-    dies (flock), so a killed run never leaves a stale lock behind."""
+    dies (flock), so a killed run never leaves a stale lock behind. Re-entering a lock this process
+    holds is allowed."""
     lock = Path(f"{path}.lock")
+    if lock.resolve() in _HELD:         # this process holds it already (the CLI takes it before slow setup)
+        yield
+        return
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -64,9 +71,11 @@ def exclusive(path, what: str):
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
                                       command=" ".join(sys.argv))).encode(), 0)
+        _HELD.add(lock.resolve())
         try:
             yield
         finally:
+            _HELD.discard(lock.resolve())
             os.ftruncate(fd, 0)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:

@@ -48,6 +48,8 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
         n = int(os.environ["SLURM_ARRAY_TASK_COUNT"])
     else:
         i, n = 0, 1
+    if n < 1:
+        raise ConfigError(f"shard count {n} must be at least 1 (i/N: shard i of N)")
     if not 0 <= i < n:
         raise ConfigError(f"shard index {i} is not in 0..{n - 1}")
     return i, n

@@ -45,9 +45,10 @@ class EpisodeSampler:
 
 def episode_file(cache: Path, ids, part: str, n_way: int, k_shot: int, q_query: int, count: int, seed: int) -> Path:
     """Where the fixed episodes of (part, N, K, Q, count, seed) drawn from the videos `ids` live: the name
-    holds a digest of the videos, so a cache whose part holds other videos never reuses them."""
+    holds a digest of the videos in their order (the order the sampler draws from), so a cache whose
+    part holds other videos, or the same in another order, never reuses them."""
     cache = Path(cache)
-    digest = hashlib.sha256("\n".join(sorted(map(str, ids))).encode()).hexdigest()[:12]
+    digest = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:12]
     return cache.with_name(cache.stem + ".episodes") / f"{part}-{n_way}w{k_shot}s{q_query}q-{count}-seed{seed}-{digest}.npz"
 
 

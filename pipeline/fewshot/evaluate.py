@@ -279,7 +279,7 @@ def write_metrics(path, result: dict, overwrite: bool = False) -> None:
     result compared with other runs, `vs_best`, is the same result)."""
     path = Path(path)
     text = json.dumps(result, indent=1)
-    _refuse_other(path, lambda: _result_of(path) != dict(result, vs_best=None), overwrite)
+    _refuse_other(path, lambda: _result_of(path) != _identity(dict(result, vs_best=None)), overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
 
@@ -295,9 +295,19 @@ def write_accuracies(path, acc: np.ndarray, overwrite: bool = False) -> None:
 
 def _result_of(path: Path) -> dict | None:
     try:
-        return dict(json.loads(path.read_text()), vs_best=None)
+        return _identity(dict(json.loads(path.read_text()), vs_best=None))
     except (OSError, ValueError):
         return None
+
+
+def _identity(result: dict) -> dict:
+    """A result with its file paths resolved: the same cache or checkpoint spelled another way
+    (relative, absolute, through a link) is the same result."""
+    def resolved(p):
+        return str(Path(p).resolve())
+    return dict(result, cache=resolved(result.get("cache", "")),
+                per_seed=[dict(r, checkpoint=resolved(r["checkpoint"])) if "checkpoint" in r else r
+                          for r in result.get("per_seed", [])])
 
 
 def check_writable(path, target, overwrite: bool) -> None:

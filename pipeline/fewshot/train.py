@@ -141,27 +141,55 @@ def validate(head, feats, episodes: np.ndarray, k_shot: int, device="cpu") -> np
 
 
 def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print, device: str = "cpu",
-          drop_nonfinite: bool = False) -> list[dict]:
+          drop_nonfinite: bool = False, overwrite: bool = False) -> list[dict]:
     """Train `config.head` on the train part of `cache`, once per training seed (config.seed,
     config.seed + 1, ...: `out_dir/seed-N/`), each keeping the checkpoint with the best validation
     accuracy (never test), all on the same fixed validation episodes. A seed resumes from its
     last.pt when that exists and matches the config. `device` (cpu, cuda, auto) is where the head
     runs; it is not part of the config: a run resumes on another device. With `drop_nonfinite`, videos
     whose features hold a NaN or infinity are left out (named, and recorded in the checkpoint) instead
-    of stopping the run."""
+    of stopping the run. A seed folder holding a run of another config or cache is refused, whatever
+    the head, unless `overwrite`, which removes it first."""
     dev = pick_device(device)
     with FeatureStore(cache) as store:   # a missing or unreadable cache fails before anything is created
         if config.train_views == "random" and store.videos["n_views"].max(initial=0) < 2:
             raise ConfigError(f"train_views random: {cache} holds the centre crop only; extract with --views 2 "
                               "or more")
+        settings_hash = store.settings_hash
     out_dir = Path(out_dir)
     with exclusive(out_dir, "run folder"):
+        for seed in range(config.seed, config.seed + config.seeds):
+            other = other_run(out_dir / f"seed-{seed}", replace(config, seed=seed, seeds=1), settings_hash)
+            if other and not overwrite:
+                raise TrainingError(f"{out_dir / f'seed-{seed}'} holds another run ({other}); pass --overwrite to "
+                                    "replace it, or choose another --out")
+            if other:
+                for name in ("best.pt", "last.pt", "curve.csv", "curve.json"):
+                    (out_dir / f"seed-{seed}" / name).unlink(missing_ok=True)
         results = []
         for seed in range(config.seed, config.seed + config.seeds):
             one = replace(config, seed=seed, seeds=1)
             results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, dev,
                                        drop_nonfinite), seed=seed, folder=str(out_dir / f"seed-{seed}")))
         return results
+
+
+def other_run(folder: Path, config: TrainConfig, settings_hash: str) -> str | None:
+    """What differs between the run saved in `folder` (its last.pt, else its best.pt) and `config` on a
+    cache of `settings_hash`, in words; None when the folder holds no run or this very one."""
+    saved = next((folder / n for n in ("last.pt", "best.pt") if (folder / n).exists()), None)
+    if saved is None:
+        return None
+    ck = checkpoint.load(saved)
+    if ck.head != config.head:
+        return f"head {ck.head}, not {config.head}"
+    if ck.head_options != config.head_options:
+        return f"head {ck.head} with options {heads.format_options(ck.head_options)}"
+    if ck.cache["settings_hash"] != settings_hash:
+        return f"trained on a cache of other settings ({ck.cache['path']})"
+    changed = sorted(k for k in set(ck.train_config) | set(asdict(config))
+                     if ck.train_config.get(k) != asdict(config).get(k))
+    return f"training settings differ: {', '.join(changed)}" if changed else None
 
 
 def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: bool, log, device,

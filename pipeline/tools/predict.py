@@ -107,6 +107,13 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
     """Per query: predicted class, the head's score for every class, margin; plus what failed and why."""
     ck = checkpoint.load(checkpoint_path)
     head = ck.build_head(head_file)
+    query_paths = query_files(queries)
+    if not query_paths:
+        raise PredictError(f"no query video in {', '.join(map(str, queries)) or 'the arguments'}: give video files, "
+                           "or folders that hold them")
+    if not Path(support_dir).is_dir():
+        raise PredictError(f"--support {support_dir} does not exist or is not a folder (one folder of example "
+                           "videos per class)")
     found, problems = scan(support_dir)
     if len(found) < 2:
         raise PredictError(f"{support_dir}: need at least 2 class folders of example videos, found {len(found)}")
@@ -135,7 +142,7 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
         return torch.cat([head.scores(z[None], zq)[0] for z in encoded])
 
     results = []
-    for q in query_files(queries):
+    for q in query_paths:
         try:
             e = embed(q)
         except VideoError as err:

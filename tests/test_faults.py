@@ -1,0 +1,96 @@
+"""Slips of the hand: a run folder is never replaced silently, whatever the head; training options are
+checked at the door."""
+import pytest
+import torch
+
+from cachegen import order_cache
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.fewshot.train import TrainConfig, train
+
+FAST = dict(n_way=2, k_shot=1, q_query=1, val_every=5, val_episodes=3, val_query=2, episodes=5)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return order_cache(tmp_path_factory.mktemp("c") / "order.h5", n_pairs=3, videos=6)
+
+
+@pytest.mark.parametrize("first,second", [
+    (dict(head="lstm", head_options={"hidden": 8}), dict(head="mean")),                 # trained, then parameter-free
+    (dict(head="otam", head_options={"clips": 3}), dict(head="otam", head_options={"clips": 3, "smoothing": 0.5})),
+    (dict(head="mean"), dict(head="lstm", head_options={"hidden": 8})),
+    (dict(head="lstm", head_options={"hidden": 8}), dict(head="lstm", head_options={"hidden": 8}, lr=5e-3)),
+])
+def test_a_run_folder_holding_another_run_is_refused_unless_overwrite(cache, tmp_path, first, second):
+    quiet = dict(progress=False, log=lambda *a: None)
+    train(cache, tmp_path / "run", TrainConfig(**first, **FAST), **quiet)
+    before = (tmp_path / "run/seed-0/best.pt").read_bytes()
+    with pytest.raises(PipelineError, match=r"seed-0 holds another run \(.+\); pass --overwrite"):
+        train(cache, tmp_path / "run", TrainConfig(**second, **FAST), **quiet)
+    assert (tmp_path / "run/seed-0/best.pt").read_bytes() == before          # nothing replaced
+    train(cache, tmp_path / "run", TrainConfig(**first, **FAST), **quiet)   # the same run again: allowed
+    train(cache, tmp_path / "run", TrainConfig(**second, **FAST), overwrite=True, **quiet)
+    saved = torch.load(tmp_path / "run/seed-0/best.pt", weights_only=False)
+    assert saved["head"] == second["head"] and saved["train_config"]["lr"] == second.get("lr", saved["train_config"]["lr"])
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(loss="ce", scale=0.0), "scale"), (dict(margin=-5.0), "margin"), (dict(lr=float("inf")), "lr"),
+    (dict(gamma=0.0), "gamma"), (dict(lr=-1e-3), "lr"), (dict(margin=1.0), "margin"),
+])
+def test_training_options_are_checked_at_the_door(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(head="lstm", **bad)
+
+
+def test_an_episode_file_is_bound_to_the_videos_in_their_order(tmp_path):
+    import numpy as np
+    from pipeline.fewshot.episodes import episode_file, fixed_episodes
+    ids = np.array([f"{c}/{c}_{i}" for c in "abc" for i in range(4)])
+    by_class = {c: np.arange(4 * j, 4 * j + 4) for j, c in enumerate("abc")}
+    shuffled = ids[::-1].copy()
+    by_class_shuffled = {c: np.sort(len(ids) - 1 - v) for c, v in by_class.items()}
+    args = ("test", 2, 1, 1, 5, 0)
+    assert episode_file(tmp_path / "c.h5", ids, *args) != episode_file(tmp_path / "c.h5", shuffled, *args)
+    a = fixed_episodes(tmp_path / "c.h5", ids, by_class, *args)
+    b = fixed_episodes(tmp_path / "c.h5", shuffled, by_class_shuffled, *args)
+    fresh = fixed_episodes(tmp_path / "other.h5", shuffled, by_class_shuffled, *args)
+    assert np.array_equal(b, fresh)                 # the history of the folder does not matter
+    assert len(list((tmp_path / "c.episodes").glob("*.npz"))) == 2 and a.shape == b.shape
+
+
+def test_the_same_result_spelled_with_other_paths_is_the_same_result(tmp_path, monkeypatch):
+    from pipeline.fewshot.evaluate import write_metrics
+    monkeypatch.chdir(tmp_path)
+    result = dict(accuracy=0.5, cache="cache/c.h5", per_seed=[dict(seed=0, checkpoint="runs/r/seed-0/best.pt")])
+    write_metrics(tmp_path / "m.json", result)
+    absolute = dict(result, cache=str(tmp_path / "cache/c.h5"),
+                    per_seed=[dict(seed=0, checkpoint=str(tmp_path / "runs/r/../r/seed-0/best.pt"))])
+    write_metrics(tmp_path / "m.json", absolute)                                    # not "another result"
+    with pytest.raises(PipelineError, match="--overwrite"):
+        write_metrics(tmp_path / "m.json", dict(absolute, accuracy=0.6))
+
+
+def test_small_slips_each_get_one_line(trained, tmp_path):
+    from conftest import cli, write_video
+    ck = str(trained / "run" / "seed-0" / "best.pt")
+    (tmp_path / "empty").mkdir()
+    sup = tmp_path / "support"
+    for c in "ab":
+        write_video(sup / c / f"{c}.avi", 14, size=(48, 40))
+    junk = tmp_path / "q" / "junk.avi"
+    junk.parent.mkdir()
+    junk.write_bytes(b"not a video")
+    cases = [
+        (["extract", "--root", str(trained / "data"), "--split", str(trained / "split"), "--out",
+          str(tmp_path / "x.h5"), "--shard", "0/0"], "shard count 0 must be at least 1"),
+        (["predict", "--checkpoint", ck, "--support", str(tmp_path / "nowhere"), str(junk)],
+         "--support " + str(tmp_path / "nowhere") + " does not exist"),
+        (["predict", "--checkpoint", ck, "--support", str(sup), str(tmp_path / "empty")], "no query video in"),
+        (["predict", "--checkpoint", ck, "--support", str(sup), "--cache-dir", str(tmp_path / "pc"), str(junk)],
+         "none of the 1 query videos could be read"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert message in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr, (args, r.stderr)
