@@ -38,6 +38,13 @@ def main():
         where = f" (see `{e.ctx.command_path} --help`)" if isinstance(e, click.UsageError) and e.ctx else ""
         typer.secho(f"error: {' '.join(message.split())}{where}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except OSError as e:
+        from .errors import explain_os_error
+        line = explain_os_error(e)
+        if line is None or _debug:
+            raise
+        typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
@@ -298,6 +305,7 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
     from .errors import ConfigError
     from .fewshot.evaluate import (check_writable, dropped_note, evaluate, missing_note, run_name, table,
                                    write_accuracies, write_metrics)
+    from .files import check_output
     if accuracies and len(checkpoints) > 1:
         raise ConfigError("--accuracies saves one run's accuracies: give one run folder or checkpoint")
 
@@ -305,6 +313,8 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
         """--metrics is the file for one target, the folder of `<name>.json` files for several."""
         return metrics if len(checkpoints) == 1 else metrics / f"{run_name(target)}.json"
 
+    if accuracies:
+        check_output(accuracies, "accuracies file")
     if metrics:
         names = [run_name(c) for c in checkpoints]
         if len(set(names)) < len(names):

@@ -6,12 +6,13 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import PipelineError
+from .errors import ADVICE, MachineFault, PipelineError
 
 
 class LockError(PipelineError):
@@ -88,3 +89,29 @@ def _holder(text: str) -> str:
         return f"pid {h['pid']} on {h['host']}: {h['command']}"
     except (ValueError, KeyError):
         return "holder unknown"
+
+
+def check_output(path, what: str, folder: bool = False, need_bytes: int = 0) -> None:
+    """Before any work: `path` can be written as a `what` (a file, or a folder with `folder`), and
+    its file system has `need_bytes` free. Refusals name the path and what to do (MachineFault)."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise MachineFault(f"{path}: {ADVICE[21]} (the {what})")
+    if path.exists() and not path.is_dir() and folder:
+        raise MachineFault(f"{path}: {ADVICE[20]} (the {what} is a folder)")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing != path and not existing.is_dir():
+        raise MachineFault(f"{existing}: {ADVICE[20]} (on the way to the {what} {path})")
+    where = existing if existing.is_dir() else existing.parent     # a file is replaced within its folder
+    if not os.access(where, os.W_OK | os.X_OK):
+        code = 30 if _read_only(where) else 13
+        raise MachineFault(f"{where}: {ADVICE[code]} (the {what} {path})")
+    if need_bytes:
+        free = shutil.disk_usage(where).free
+        if free < need_bytes:
+            raise MachineFault(f"{where}: the {what} {path} needs about {need_bytes / 1e9:.2f} GB and "
+                               f"{free / 1e9:.2f} GB are free: free space there or write elsewhere")
+
+
+def _read_only(folder: Path) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)

@@ -42,7 +42,7 @@ import h5py
 import numpy as np
 
 from .errors import MissingFile, PipelineError
-from .files import atomic_path, exclusive
+from .files import atomic_path, check_output, exclusive
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)   # 1: before /steps
@@ -336,6 +336,7 @@ def merge(inputs, out, settings: dict | None = None, expect: dict[int, str] | No
                                         f"but this extraction's video {o} is {expect.get(o, '(none)')}: the file "
                                         "belongs to an extraction of other videos")
         first = stores[0]
+        check_output(out, "merged cache", need_bytes=sum(p.stat().st_size for p in inputs))
         with atomic_path(out) as tmp, StoreWriter(tmp, ref, first.provenance, first.f["features"].shape[1:],
                                                   first.f["clips/frame_indices"].shape[1]) as writer:
             for o in sorted(where):

@@ -94,3 +94,78 @@ def test_small_slips_each_get_one_line(trained, tmp_path):
         r = cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Mounts a 1 MB tmpfs and a read-only tmpfs (root with mount rights, as in CI's container);
+    elsewhere the test is skipped and test_the_one_write_path_turns_refusals_into_one_line covers
+    the same path with simulated refusals."""
+    import subprocess
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir()
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(full)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root with mount rights)")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(ro)], check=True)
+    yield full, ro
+    subprocess.run(["umount", str(full)])
+    subprocess.run(["umount", str(ro)])
+
+
+def test_full_and_read_only_disks_are_one_line_and_leave_nothing(trained, small_fs, tmp_path):
+    from conftest import cli
+    full, ro = small_fs
+    c, run = str(trained / "c.h5"), str(trained / "run")
+    data = ["--root", str(trained / "data"), "--split", str(trained / "split")]
+    (tmp_path / "adir.json").mkdir()
+    cases = [
+        (["extract", *data, "--out", str(full / "x.h5"), "--workers", "0"], "free space there or write elsewhere"),
+        (["extract", *data, "--out", str(ro / "x.h5"), "--workers", "0"], "read-only"),
+        (["train", "--cache", c, "--out", str(ro / "r"), "--head", "mean", "--n-way", "2"], "read-only"),
+        (["eval", run, "--cache", c, "--n-way", "2", "--episodes", "2", "--runs", "1", "--metrics",
+          str(ro / "m.json")], "read-only"),
+        (["eval", run, "--cache", c, "--n-way", "2", "--episodes", "2", "--runs", "1", "--metrics",
+          str(tmp_path / "adir.json"), "--overwrite"], "is a folder where a file is expected"),
+        (["extract", *data, "--out", str(tmp_path / "adir.json"), "--workers", "0", "--overwrite"],
+         "is a folder where a file is expected"),
+        (["predict", "--checkpoint", run + "/seed-0/best.pt", "--support", str(trained / "data"),
+          "--cache-dir", str(ro / "pc"), str(trained / "data" / "a" / "a0.avi")], "read-only"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        lines = r.stderr.strip().splitlines()
+        assert message in lines[-1] and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    # a checkpoint onto a full disk: one line, no temporary file left
+    filler = full / "filler"
+    filler.write_bytes(b"\0" * (1024 * 1024 - 64 * 1024))
+    r = cli("train", "--cache", c, "--out", str(full / "r"), "--head", "lstm", "--n-way", "2", "--episodes", "2",
+            "--val-every", "2", "--val-episodes", "2", "--val-query", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not list(full.rglob("*.tmp*")), list(full.rglob("*"))
+    assert [p.name for p in full.iterdir()] == ["filler"] or not list((full / "r").rglob("*.pt"))
+
+
+def test_the_one_write_path_turns_refusals_into_one_line(tmp_path, monkeypatch):
+    """The same refusals, simulated where no small file system can be mounted."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from pipeline import files
+    from pipeline.errors import MachineFault, explain_os_error
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
+    with pytest.raises(MachineFault, match=r"needs about 0.00 GB and 0.00 GB are free"):
+        files.check_output(tmp_path / "x.h5", "feature cache", need_bytes=10 ** 6)
+    files.check_output(tmp_path / "x.h5", "feature cache", need_bytes=500)
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False)
+    with pytest.raises(MachineFault, match="permission denied|read-only"):
+        files.check_output(tmp_path / "r", "run folder", folder=True)
+    assert explain_os_error(OSError(errno.ENOSPC, "No space left on device", "/x/y.h5")) == \
+        "/x/y.h5: no space left on its device: free space there or write elsewhere"
+    h5 = OSError("Unable to synchronously create file (unable to open file: name = '/ro/c.h5', errno = 30, "
+                 "error message = 'Read-only file system', flags = 13, o_flags = 242)")
+    assert explain_os_error(h5) == "/ro/c.h5: the file system is read-only: write to a writable folder"
+    assert explain_os_error(OSError(errno.ECONNRESET, "reset")) is None      # not a write refusal: traceback

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from ..files import atomic_path, atomic_write_text, exclusive, sha256
+from ..files import atomic_path, atomic_write_text, check_output, exclusive, sha256
 from ..store import CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps, read_settings
 from ..device import NATIVE_HALF, pick_device, slow_half_precision
 from .backbone import Backbone, BatchForward
@@ -53,6 +53,18 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ConfigError(f"shard index {i} is not in 0..{n - 1}")
     return i, n
+
+
+def estimated_bytes(settings: ExtractSettings, videos: int) -> int:
+    """A lower estimate of a cache's size: segment clips' maps (MFNet: 768 x F/2 x crop/32 x crop/32) in
+    the stored dtype, lzf / gzip at the demo's measured ratio (1.57), plus the pooled and per-step
+    views; 0 for dense sampling, whose clip count depends on the videos' lengths."""
+    if settings.sampling.mode != "segments":
+        return 0
+    t, hw = settings.sampling.frames // 2, max(1, settings.preprocess.crop // 32)
+    maps = 768 * t * hw * hw * (2 if settings.dtype == "float16" else 4)
+    maps = maps / 1.57 if settings.compression != "none" else maps
+    return int(videos * settings.sampling.clips * settings.views * (maps + 768 * 4 + t * 768 * 2))
 
 
 def shard_path(out: Path, i: int, n: int) -> Path:
@@ -148,6 +160,8 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     indexed = list(zip(entries, range(len(entries))))
     groups = [indexed[k:k + part_size] for k in range(0, len(indexed), part_size)]
     mine = [k for k in range(len(groups)) if k % n == i]
+    # parts and the merged cache are on disk together while merging: twice the cache
+    check_output(target, "feature cache", need_bytes=2 * estimated_bytes(settings, sum(len(groups[k]) for k in mine)))
     sources = file_digests([e.path for k in mine for e, _ in groups[k]], workers)
     groups = _with_sources(groups, mine, sources)
     videos = [[e.id, e.part, e.label, src] for k in mine for e, _, src in groups[k]]   # this shard's, in order
@@ -219,6 +233,9 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 nxt = reader.submit(following)
             clips_done += sum(0 if r.maps is None else len(r.maps) for r in results)
             failed += sum(r.status != "ok" for r in results)
+            # h5py can crash the process on a full disk: refuse while there is still room to say so
+            check_output(parts_dir / f"part-{k:06d}.h5", "part file",
+                         need_bytes=sum(r.maps.nbytes + r.pooled.nbytes for r in results if r.maps is not None))
             with atomic_path(parts_dir / f"part-{k:06d}.h5") as tmp, \
                     StoreWriter(tmp, wanted, provenance, map_shape, frames) as w:
                 for r in results:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import MissingFile, PipelineError
+from ..errors import MachineFault, MissingFile, PipelineError
 from ..files import atomic_path
 from . import heads
 
@@ -65,7 +65,11 @@ class Checkpoint:
 
 def save(path, ck: Checkpoint) -> None:
     with atomic_path(path) as tmp:
-        torch.save(asdict(ck), tmp)
+        try:
+            torch.save(asdict(ck), tmp)
+        except RuntimeError as e:    # torch's writer reports a full disk as a RuntimeError, not an OSError
+            raise MachineFault(f"{path}: the checkpoint could not be written ({str(e).splitlines()[0]}); "
+                               "check the free space and permissions of its folder") from None
 
 
 def load(path) -> Checkpoint:

@@ -11,7 +11,7 @@ import torch
 
 from ..device import pick_device
 from ..errors import ConfigError, MissingFile, PipelineError
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text, check_output
 from ..store import FeatureStore, check_settings
 from . import checkpoint
 from .heads import changed_options, format_options
@@ -279,7 +279,7 @@ def write_metrics(path, result: dict, overwrite: bool = False) -> None:
     result compared with other runs, `vs_best`, is the same result)."""
     path = Path(path)
     text = json.dumps(result, indent=1)
-    _refuse_other(path, lambda: _result_of(path) != _identity(dict(result, vs_best=None)), overwrite)
+    _refuse_other(path, lambda: _result_of(path) != _paths_resolved(dict(result, vs_best=None)), overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, text)
 
@@ -295,12 +295,12 @@ def write_accuracies(path, acc: np.ndarray, overwrite: bool = False) -> None:
 
 def _result_of(path: Path) -> dict | None:
     try:
-        return _identity(dict(json.loads(path.read_text()), vs_best=None))
+        return _paths_resolved(dict(json.loads(path.read_text()), vs_best=None))
     except (OSError, ValueError):
         return None
 
 
-def _identity(result: dict) -> dict:
+def _paths_resolved(result: dict) -> dict:
     """A result with its file paths resolved: the same cache or checkpoint spelled another way
     (relative, absolute, through a link) is the same result."""
     def resolved(p):
@@ -313,9 +313,10 @@ def _identity(result: dict) -> dict:
 def check_writable(path, target, overwrite: bool) -> None:
     """Before evaluating: a metrics file that holds the result of other checkpoints is refused now,
     not after the work (write_metrics compares the finished result)."""
+    check_output(path, "metrics file")
     old = _result_of(Path(path)) if not overwrite and Path(path).exists() else None
     if old is not None and [s.get("checkpoint") for s in old.get("per_seed", [])] != \
-            [str(p) for p in run_checkpoints(target)]:
+            [str(Path(p).resolve()) for p in run_checkpoints(target)]:
         raise ConfigError(f"{path} holds the result of other checkpoints ({old.get('run')}); pass --overwrite to "
                           "replace it, or write elsewhere")
 

@@ -12,7 +12,7 @@ import torch
 
 from ..device import pick_device
 from ..errors import ConfigError, PipelineError
-from ..files import atomic_write_text, exclusive
+from ..files import atomic_write_text, check_output, exclusive
 from ..store import FeatureStore
 from . import checkpoint, heads
 from .checkpoint import Checkpoint
@@ -157,6 +157,7 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print,
                               "or more")
         settings_hash = store.settings_hash
     out_dir = Path(out_dir)
+    check_output(out_dir, "run folder", folder=True)
     with exclusive(out_dir, "run folder"):
         for seed in range(config.seed, config.seed + config.seeds):
             other = other_run(out_dir / f"seed-{seed}", replace(config, seed=seed, seeds=1), settings_hash)

@@ -23,7 +23,7 @@ from ..extraction.video import VIDEO_EXTENSIONS, VideoError, read_clips_or_reaso
 from ..fewshot import checkpoint
 from ..fewshot.evaluate import check_scores
 from ..fewshot.features import segment_picks
-from ..files import atomic_path, sha256
+from ..files import atomic_path, check_output, sha256
 from ..store import pool_maps, settings_hash, step_maps
 
 
@@ -111,6 +111,7 @@ def predict(checkpoint_path, support_dir, queries, weights: str | None = None, c
     if not query_paths:
         raise PredictError(f"no query video in {', '.join(map(str, queries)) or 'the arguments'}: give video files, "
                            "or folders that hold them")
+    check_output(cache_root, "predict cache folder (--cache-dir)", folder=True)
     if not Path(support_dir).is_dir():
         raise PredictError(f"--support {support_dir} does not exist or is not a folder (one folder of example "
                            "videos per class)")
