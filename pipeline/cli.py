@@ -119,6 +119,7 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             part_size: int = typer.Option(32, min=1, help="Videos per crash-safe part file."),
             channels_last: bool = typer.Option(True, help="channels_last_3d memory format for the forward (faster on CPU)."),
             overwrite: bool = typer.Option(False, help="Replace a cache made with other settings."),
+            allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Go on when byte-identical files are in more than one part (train/val/test); recorded in the cache. Refused by default: a test video seen in training inflates results."),
             allow_missing: bool = typer.Option(False, "--allow-missing/--refuse-missing", help="Go on when a per-video list names missing videos (recorded in the cache's provenance, and reported by eval), or refuse (the default)."),
             summary_file: Optional[Path] = typer.Option(None, "--summary", help="Also write the cache's content digest, settings hash and counts to this JSON (what DVC tracks: the same values give the same bytes)."),):
     """Stage one: run MFNet over every clip and write the HDF5 feature cache (resumable, shardable)."""
@@ -141,7 +142,7 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
                                    views, seed, flip, layer, dtype, compression, precision, backbone.sha256)
         summary = extract_features(entries, out, settings, backbone, batch_size=batch_size, workers=workers,
                                    device=device, shard=shard, part_size=part_size, overwrite=overwrite,
-                                   channels_last=channels_last,
+                                   channels_last=channels_last, allow_duplicates=allow_duplicates,
                                    extra_provenance=dict(root=str(root), layout=layout, split=sp.name,
                                                          missing=missing_videos(sp, entries)))
     if summary_file:

@@ -169,3 +169,28 @@ def test_the_one_write_path_turns_refusals_into_one_line(tmp_path, monkeypatch):
                  "error message = 'Read-only file system', flags = 13, o_flags = 242)")
     assert explain_os_error(h5) == "/ro/c.h5: the file system is read-only: write to a writable folder"
     assert explain_os_error(OSError(errno.ECONNRESET, "reset")) is None      # not a write refusal: traceback
+
+
+def test_a_file_in_two_parts_is_refused_unless_allowed_and_then_recorded(tmp_path):
+    import shutil
+
+    from conftest import cli, write_video
+    for c in "abcd":
+        for i in range(2):
+            write_video(tmp_path / "data" / c / f"{c}{i}.avi", 12 + 2 * i + (ord(c) - 97) * 4, size=(48, 40))
+    shutil.copy(tmp_path / "data/a/a0.avi", tmp_path / "data/d/leak.avi")       # a train video in test
+    (tmp_path / "data/d/link.avi").symlink_to(tmp_path / "data/d/d0.avi")       # the same file twice in test
+    split = tmp_path / "split"
+    split.mkdir()
+    for part, cs in (("train", "ab"), ("val", "c"), ("test", "d")):
+        (split / f"{part}_classes.txt").write_text("\n".join(cs))
+    args = ["extract", "--root", str(tmp_path / "data"), "--split", str(split), "--out", str(tmp_path / "c.h5"),
+            "--clips", "1", "--frames", "4", "--resize", "64", "--crop", "32", "--workers", "0"]
+    r = cli(*args)
+    assert r.returncode == 2 and "appear in more than one part" in r.stderr and "a/a0 in train" in r.stderr, r.stderr
+    assert not (tmp_path / "c.h5").exists()
+    r = cli(*args, "--allow-duplicates")
+    assert r.returncode == 0, r.stderr
+    assert "byte-identical files within one part" in r.stderr
+    r = cli("info", str(tmp_path / "c.h5"))
+    assert "byte-identical files (same sha256): 2 group(s): a/a0 = d/leak; d/d0 = d/link" in r.stdout, r.stdout

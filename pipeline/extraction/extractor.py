@@ -142,18 +142,19 @@ def _compute_part(group, decoded, forward, batch_size, bar, dtype):
 def extract_features(entries: list[VideoEntry], out, settings: ExtractSettings, backbone: Backbone, *,
                      batch_size: int = 8, workers: int = 1, device: str = "auto", shard: str | None = None,
                      part_size: int = 32, overwrite: bool = False, channels_last: bool = False,
-                     progress: bool = True, extra_provenance: dict | None = None) -> dict:
+                     progress: bool = True, extra_provenance: dict | None = None,
+                     allow_duplicates: bool = False) -> dict:
     """Extract `entries` into `out` (or this shard's file). Returns a summary dict."""
     i, n = parse_shard(shard)
     target = shard_path(Path(out), i, n)
     target.parent.mkdir(parents=True, exist_ok=True)
     with exclusive(target, "feature cache"):
         return _extract_locked(entries, target, i, n, settings, backbone, batch_size, workers, device, part_size,
-                               overwrite, channels_last, progress, extra_provenance)
+                               overwrite, channels_last, progress, extra_provenance, allow_duplicates)
 
 
 def _extract_locked(entries, target, i, n, settings, backbone, batch_size, workers, device, part_size, overwrite,
-                    channels_last, progress, extra_provenance) -> dict:
+                    channels_last, progress, extra_provenance, allow_duplicates) -> dict:
     from tqdm import tqdm
 
     wanted = settings.as_dict()
@@ -165,6 +166,7 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     sources = file_digests([e.path for k in mine for e, _ in groups[k]], workers)
     groups = _with_sources(groups, mine, sources)
     videos = [[e.id, e.part, e.label, src] for k in mine for e, _, src in groups[k]]   # this shard's, in order
+    duplicates = check_duplicates(videos, allow_duplicates)
     # what the part files are cut from: resuming needs the same settings, videos (and files) and part size
     identity = dict(settings=wanted, part_size=part_size, videos=videos)
     parts_dir = target.with_name(target.name + ".parts")
@@ -202,7 +204,7 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     # no creation time: the same extraction gives the same bytes, so DVC sees no change
     provenance = dict(backbone.provenance(), torch=torch.__version__, h5py=h5py.__version__, numpy=np.__version__,
                       opencv=cv2.__version__, python=platform.python_version(),
-                      shard=f"{i}/{n}", **(extra_provenance or {}))
+                      shard=f"{i}/{n}", **(extra_provenance or {}), **({"duplicates": duplicates} if duplicates else {}))
     dev = pick_device(device)
     if dev.type == "cpu" and slow_half_precision(settings.precision):
         warnings.warn(f"--precision {settings.precision} on this CPU is emulated (no {' or '.join(NATIVE_HALF[settings.precision])} "
@@ -270,6 +272,28 @@ def file_digests(paths, workers: int) -> list[str]:
         return [digest(p) for p in paths]
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(digest, paths))
+
+
+def check_duplicates(videos: list, allow: bool) -> list[list[str]]:
+    """Groups of video ids whose files are byte-identical (the same sha256: copies, or links to one
+    file), from [id, part, label, sha256] rows. A group across parts (a test video also in training
+    inflates a few-shot result) is an error unless `allow`; one within a part is a warning."""
+    by_digest = {}
+    for vid, part, _, digest in videos:
+        if digest:
+            by_digest.setdefault(digest, []).append((vid, part))
+    groups = [g for g in by_digest.values() if len(g) > 1]
+    across = [g for g in groups if len({p for _, p in g}) > 1]
+    if across and not allow:
+        (a, pa), (b, pb) = next(((x, y) for g in across for x in g for y in g if x[1] != y[1]))
+        raise CacheMismatch(f"{len(across)} file(s) appear in more than one part, byte for byte (e.g. {a} in {pa} "
+                            f"and {b} in {pb}): a video seen in training inflates test accuracy; remove the copies, "
+                            "or pass --allow-duplicates to go on (recorded in the cache)")
+    within = [g for g in groups if g not in across]
+    if within:
+        warnings.warn(f"{len(within)} group(s) of byte-identical files within one part (e.g. "
+                      f"{', '.join(v for v, _ in within[0])}); recorded in the cache", stacklevel=2)
+    return [[v for v, _ in g] for g in groups]
 
 
 def _with_sources(groups, mine, sources):

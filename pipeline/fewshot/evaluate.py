@@ -32,6 +32,9 @@ def encode_all(head, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([head.encode(x[i:i + ENCODE_BLOCK]) for i in range(0, len(x), ENCODE_BLOCK)])
 
 
+GATHER_BUDGET = 2 ** 28        # bytes of encodings gathered per scoring call
+
+
 @torch.no_grad()
 def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: int = 500,
                        device: torch.device | str = "cpu") -> np.ndarray:
@@ -43,7 +46,10 @@ def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: in
     z = encode_all(head, torch.from_numpy(x).to(device))
     zq = head.as_query(z)
     target = torch.arange(n, device=device).repeat_interleave(kq - k_shot)
-    step = chunk if head.batched else 1
+    # episodes per call: `chunk`, fewer when the gathered encodings would pass GATHER_BUDGET (Chamfer++
+    # at T = 8 keeps 56 x 1152 values a video: 500 episodes would gather 10 GB)
+    per_episode = n * kq * z[:1].numel() * z.element_size()
+    step = max(1, min(chunk, GATHER_BUDGET // per_episode)) if head.batched else 1
     acc = []
     for s in range(0, e, step):
         ep = torch.from_numpy(episodes[s:s + step]).to(device)

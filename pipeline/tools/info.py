@@ -30,8 +30,12 @@ def describe_cache(path: Path) -> str:
                  f"{s.version}, " + ("per-step view " + str(s.f["steps"].shape[1:]) if "steps" in s.f else
                                      f"no per-step view (`pipeline upgrade {path}` adds it)"),
                  "settings: " + json.dumps(s.settings, sort_keys=True),
-                 "provenance: " + json.dumps({k: v for k, v in s.provenance.items() if k != "missing"},
+                 "provenance: " + json.dumps({k: v for k, v in s.provenance.items() if k not in ("missing", "duplicates")},
                                              sort_keys=True)]
+        dups = s.provenance.get("duplicates") or []
+        if dups:
+            lines.append(f"byte-identical files (same sha256): {len(dups)} group(s): "
+                         + "; ".join(" = ".join(g) for g in dups[:5]) + ("; ..." if len(dups) > 5 else ""))
         missing = s.provenance.get("missing") or {}
         if any(missing.values()):
             lines.append(f"listed by the split but missing from the dataset: {sum(map(len, missing.values()))} "
