@@ -84,6 +84,13 @@ def scan(root: Path = typer.Option(..., help="Dataset root: one folder per class
     missing = missing_videos(sp, entries)
     typer.echo(summarize(entries, [p for p in problems if p[0] != str(root) and "listed by split" not in p[1]],
                          probe_videos, missing))
+    if probe_videos:    # the same file in two parts inflates a test result: extract refuses it
+        from .extraction.extractor import duplicate_groups, file_digests
+        rows = [[e.id, e.part, e.label, d] for e, d in zip(entries, file_digests([e.path for e in entries], 2))]
+        for g in duplicate_groups(rows):
+            parts = sorted({p for _, p in g})
+            where = f"across parts {'/'.join(parts)}: extract refuses them" if len(parts) > 1 else f"within {parts[0]}"
+            typer.echo(f"byte-identical files ({where}): {' = '.join(v for v, _ in g)}")
     ids = [v for part in missing.values() for v in part]
     if ids:
         missing_list.write_text("\n".join(ids) + "\n")

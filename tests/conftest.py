@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 
-def write_video(path: Path, n_frames: int, fourcc: str = "MJPG", size=(64, 48), fps=25) -> Path:
-    """A video whose frame i is a flat grey of value 10 + 3 * i, so decoded frames identify themselves."""
+def write_video(path: Path, n_frames: int, fourcc: str = "MJPG", size=(64, 48), fps=25, start: int = 10) -> Path:
+    """A video whose frame i is a flat grey of value start + 3 * i, so decoded frames identify themselves
+    (and videos with another `start` are other files: extract refuses byte-identical files across parts)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, size)
     assert w.isOpened()
     for i in range(n_frames):
-        w.write(np.full((size[1], size[0], 3), 10 + 3 * i, np.uint8))
+        w.write(np.full((size[1], size[0], 3), start + 3 * i, np.uint8))
     w.release()
     return path
 
@@ -36,7 +37,7 @@ def trained(tmp_path_factory):
     d = tmp_path_factory.mktemp("p")
     for c in "abcdefgh":
         for i in range(3):
-            write_video(d / "data" / c / f"{c}{i}.avi", 12 + i, size=(48, 40))
+            write_video(d / "data" / c / f"{c}{i}.avi", 12 + i, size=(48, 40), start=10 + 5 * (ord(c) - 97))
     split = d / "split"
     split.mkdir()
     for part, cs in (("train", "abc"), ("val", "de"), ("test", "fgh")):

@@ -117,12 +117,12 @@ def test_folders_fifos_and_broken_links_named_like_videos_get_their_own_reason(t
 
 
 def test_two_files_of_one_video_are_an_error_naming_both(tmp_path, make_video):
-    for c in ("a", "b"):
+    for c in ("a", "b", "c"):
         make_video(f"d/{c}/clip.avi", 3)
     make_video("d/a/clip.mp4", 3, "mp4v")
     sp = tmp_path / "sp"
     sp.mkdir()
-    for part, classes in (("train", "a"), ("val", "b"), ("test", "")):
+    for part, classes in (("train", "a"), ("val", "b"), ("test", "c")):
         (sp / f"{part}_classes.txt").write_text(classes + "\n")
     with pytest.raises(DatasetError, match=r"1 video\(s\) with more than one file .*a/clip: clip.avi and clip.mp4"):
         resolve(load_split(sp), tmp_path / "d")

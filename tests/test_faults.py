@@ -194,3 +194,9 @@ def test_a_file_in_two_parts_is_refused_unless_allowed_and_then_recorded(tmp_pat
     assert "byte-identical files within one part" in r.stderr
     r = cli("info", str(tmp_path / "c.h5"))
     assert "byte-identical files (same sha256): 2 group(s): a/a0 = d/leak; d/d0 = d/link" in r.stdout, r.stdout
+    r = cli("scan", "--root", str(tmp_path / "data"), "--split", str(split), "--probe")
+    assert r.returncode == 0 and "byte-identical files (across parts test/train: extract refuses them): a/a0 = d/leak" \
+        in r.stdout and "byte-identical files (within test): d/d0 = d/link" in r.stdout, r.stdout
+    (split / "val_classes.txt").write_text("\n")
+    r = cli("scan", "--root", str(tmp_path / "data"), "--split", str(split))
+    assert r.returncode == 2 and "val_classes.txt: lists no class" in r.stderr, r.stderr

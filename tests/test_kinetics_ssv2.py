@@ -40,7 +40,7 @@ def kinetics(tmp_path):
                 if c == classes[0] and i == PER_CLASS:
                     continue                                  # listed, never downloaded
                 ext, fourcc = (".webm", "VP80") if i % 2 else (".mp4", "mp4v")
-                write_video(root / folder / f"{stem}{ext}", 12 + 3 * i, fourcc, size=(48, 40))
+                write_video(root / folder / f"{stem}{ext}", 12 + 3 * i, fourcc, size=(48, 40), start=10 + k)
     return root, write_split(tmp_path / "split_k", KINETICS, videos)
 
 
@@ -58,7 +58,8 @@ def ssv2(tmp_path):
                 videos[part].append(f"{c}/{vid}")
                 listed.append(dict(id=str(vid), label=c.lower(), template=template, placeholders=["a cup"]))
                 if not (c == classes[0] and i == PER_CLASS):
-                    write_video(root / "20bn-something-something-v2" / f"{vid}.webm", 12 + 3 * i, "VP80", size=(48, 40))
+                    write_video(root / "20bn-something-something-v2" / f"{vid}.webm", 12 + 3 * i, "VP80", size=(48, 40),
+                                start=vid - 990)
     (root / "labels").mkdir()
     (root / "labels/something-something-v2-labels.json").write_text(json.dumps(labels))
     (root / "labels/something-something-v2-train.json").write_text(json.dumps(listed[:20]))

@@ -91,6 +91,8 @@ def load_split(split: str | Path, expected: tuple[int, int, int] | None = None) 
         if not f.is_file():
             raise DatasetError(f"split {path}: missing {f.name}")
         classes[part] = _read_lines(f)
+        if not classes[part]:
+            raise DatasetError(f"{f}: lists no class (one class folder name per line)")
         if len(set(classes[part])) != len(classes[part]):
             dup = sorted({c for c in classes[part] if classes[part].count(c) > 1})
             raise DatasetError(f"{f}: duplicate classes: {_listing(dup)}")

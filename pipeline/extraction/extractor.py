@@ -274,15 +274,20 @@ def file_digests(paths, workers: int) -> list[str]:
         return list(pool.map(digest, paths))
 
 
-def check_duplicates(videos: list, allow: bool) -> list[list[str]]:
-    """Groups of video ids whose files are byte-identical (the same sha256: copies, or links to one
-    file), from [id, part, label, sha256] rows. A group across parts (a test video also in training
-    inflates a few-shot result) is an error unless `allow`; one within a part is a warning."""
+def duplicate_groups(videos: list) -> list[list[tuple[str, str]]]:
+    """Groups of (id, part) whose files have the same sha256, from [id, part, label, sha256] rows."""
     by_digest = {}
     for vid, part, _, digest in videos:
         if digest:
             by_digest.setdefault(digest, []).append((vid, part))
-    groups = [g for g in by_digest.values() if len(g) > 1]
+    return [g for g in by_digest.values() if len(g) > 1]
+
+
+def check_duplicates(videos: list, allow: bool) -> list[list[str]]:
+    """Groups of video ids whose files are byte-identical (the same sha256: copies, or links to one
+    file), from [id, part, label, sha256] rows. A group across parts (a test video also in training
+    inflates a few-shot result) is an error unless `allow`; one within a part is a warning."""
+    groups = duplicate_groups(videos)
     across = [g for g in groups if len({p for _, p in g}) > 1]
     if across and not allow:
         (a, pa), (b, pb) = next(((x, y) for g in across for x in g for y in g if x[1] != y[1]))
