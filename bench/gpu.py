@@ -88,7 +88,7 @@ def plan(dev: torch.device, small: bool) -> SimpleNamespace:
         formats=(False, True) if cuda else (True,),
         warm=5 if big else 1,
         reps=10 if big else 2 if small else 3,
-        conv_input=(8, 256, 8, 28, 28) if big else (1, 256, 8, 14, 14) if small else (1, 256, 8, 28, 28),
+        conv_input=(8, 256, 8, 28, 28) if big else (1, 256, 4, 7, 7) if small else (1, 256, 8, 28, 28),
         e2e_batch=32 if big else 2,
         e2e_precisions=("fp32", "bf16") if cuda else ("fp32",),
         threads=tuple(t for t in ((2, 4, 8, 16) if big else (1, 2)) if t <= CPUS) or (1,),
