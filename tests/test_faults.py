@@ -35,12 +35,25 @@ def test_a_run_folder_holding_another_run_is_refused_unless_overwrite(cache, tmp
 
 
 @pytest.mark.parametrize("bad,message", [
-    (dict(loss="ce", scale=0.0), "scale"), (dict(margin=-5.0), "margin"), (dict(lr=float("inf")), "lr"),
+    (dict(loss="ce", scale=0.0), "scale"), (dict(margin=-5.0), "margin"), (dict(margin=-1.0), "margin"), (dict(lr=float("inf")), "lr"),
     (dict(gamma=0.0), "gamma"), (dict(lr=-1e-3), "lr"), (dict(margin=1.0), "margin"),
 ])
 def test_training_options_are_checked_at_the_door(bad, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig(head="lstm", **bad)
+
+
+def test_every_preset_run_is_a_valid_training_config():
+    """Each run of every params preset parses (the ablations' m = -0.2 included), with its head's loss."""
+    from pathlib import Path
+
+    import yaml
+    root = Path(__file__).resolve().parents[1]
+    for preset in [root / "params.yaml", *sorted((root / "configs").glob("*.yaml"))]:
+        runs = yaml.safe_load(preset.read_text()).get("runs")
+        assert runs, f"{preset.name}: no runs"
+        for name, run in runs.items():
+            TrainConfig.from_mapping(run, f"{preset.name}: runs.{name}")
 
 
 def test_an_episode_file_is_bound_to_the_videos_in_their_order(tmp_path):

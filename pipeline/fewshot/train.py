@@ -84,8 +84,10 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
             raise ConfigError(f"train.gamma must be a finite number > 0, got {self.gamma}")
-        if not 0 <= self.margin < 1:     # circle loss's optima 1 + m and -m and its margins need 0 <= m < 1
-            raise ConfigError(f"train.margin must be in [0, 1), got {self.margin}")
+        # circle loss's decision margins are Delta_n = m and Delta_p = 1 - m: both inside the cosine range
+        # needs -1 < m < 1 (the paper's Fig. 7 runs m = -0.2 ... 0.4)
+        if not -1 < self.margin < 1:
+            raise ConfigError(f"train.margin must be in (-1, 1), got {self.margin}")
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise ConfigError(f"train.scale must be a finite number > 0, got {self.scale}")
 
