@@ -49,7 +49,9 @@ def test_every_preset_run_is_a_valid_training_config():
 
     import yaml
     root = Path(__file__).resolve().parents[1]
+    keys = set(yaml.safe_load((root / "params.yaml").read_text()))
     for preset in [root / "params.yaml", *sorted((root / "configs").glob("*.yaml"))]:
+        assert set(yaml.safe_load(preset.read_text())) == keys, f"{preset.name}: not the sections of params.yaml"
         runs = yaml.safe_load(preset.read_text()).get("runs")
         assert runs, f"{preset.name}: no runs"
         for name, run in runs.items():
