@@ -75,12 +75,12 @@ class StudyDefaults(StudyOptions):
     temperature: float = redefault(StudyOptions, "temperature", 100.0)
 
 
-def step_tuples(length: int, size: int, which: str = "all") -> torch.Tensor:
+def step_tuples(length: int, size: int, which: str = "all", head: str = "matching") -> torch.Tensor:
     """(U, size) step indices of the tuples of `size` steps of a `length`-step sequence, in the order
-    of `itertools.combinations` (all) or by start (consecutive)."""
+    of `itertools.combinations` (all) or by start (consecutive); `head` names the head in the error."""
     if size > length:
-        raise ConfigError(f"tuple_length {size} is longer than the sequence ({length} steps); use a smaller "
-                          "tuple_length or more clips")
+        raise ConfigError(f"head {head}: tuple_length {size} is longer than the sequence ({length} steps); use a "
+                          "smaller tuple_length or more clips")
     if which == "consecutive":
         return torch.arange(length - size + 1)[:, None] + torch.arange(size)
     return torch.tensor(list(combinations(range(length), size))).view(-1, size)
@@ -105,10 +105,9 @@ class StepMatcher(Head):
     def __init__(self, options=None, in_dim: int | None = None):
         super().__init__(options, in_dim)
         o = self.options
-        if not o.per_step and o.tuple_length > o.clips:   # here, not in the first episode
-            raise ConfigError(f"head {getattr(type(self), 'registered_name', type(self).__name__)}: tuple_length "
-                              f"{o.tuple_length} is longer than the sequence ({o.clips} clips); use a smaller "
-                              "tuple_length or more clips")
+        self.name = getattr(type(self), "registered_name", type(self).__name__)
+        if not o.per_step:          # tuples longer than the sequence fail here, not in the first episode
+            step_tuples(o.clips, o.tuple_length, o.tuples, self.name)
         if o.projection:
             self.fc = nn.Linear(o.tuple_length * in_dim, o.projection)
             self.layer_norm = nn.LayerNorm(o.projection)
@@ -118,7 +117,7 @@ class StepMatcher(Head):
         """(B, L, D) steps -> (B, U, E): the steps or tuples, projected."""
         o = self.options
         if o.tuple_length > 1 or o.tuples != "all":
-            x = x[:, step_tuples(x.shape[1], o.tuple_length, o.tuples)].flatten(-2)     # (B, U, l * D)
+            x = x[:, step_tuples(x.shape[1], o.tuple_length, o.tuples, self.name)].flatten(-2)     # (B, U, l * D)
         return self.layer_norm(self.fc(x)) if o.projection else x
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
