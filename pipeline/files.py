@@ -54,21 +54,29 @@ _HELD: set[Path] = set()     # lock files this process holds
 def exclusive(path, what: str):
     """Holds an exclusive lock on `<path>.lock` for the block; a second holder is refused at once
     with the first one's pid, host and command. The kernel releases the lock when the process
-    dies (flock), so a killed run never leaves a stale lock behind. Re-entering a lock this process
-    holds is allowed."""
+    dies (flock), so a killed run never leaves a stale lock behind (only an empty file, taken over by
+    the next run); a run that ends removes the file. Re-entering a lock this process holds is allowed."""
     lock = Path(f"{path}.lock")
     if lock.resolve() in _HELD:         # this process holds it already (the CLI takes it before slow setup)
         yield
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace") or "{}"
+            os.close(fd)
             raise LockError(f"{path}: another process is writing this {what} ({_holder(holder)}); "
                             "wait for it to finish or stop it") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)           # the holder before us removed this file as we opened it: lock the new one
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
                                       command=" ".join(sys.argv))).encode(), 0)
@@ -77,7 +85,7 @@ def exclusive(path, what: str):
             yield
         finally:
             _HELD.discard(lock.resolve())
-            os.ftruncate(fd, 0)
+            lock.unlink(missing_ok=True)   # while still held: no lock file outlives its run
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -3,8 +3,9 @@
 Layout (every name readable with plain h5py or `h5ls -r`):
 
   /features              (n_rows, 768, 8, 4, 4) float16|float32, one row per chunk, optional lzf/gzip
-  /pooled                (n_rows, 768) float32, spatio-temporal mean of each row's map (fletcher32
-                         checksums: a damaged chunk is an error when read, not a number)
+  /pooled                (n_rows, 768) float32, spatio-temporal mean of each row's map
+                         (these three carry fletcher32 checksums: a damaged chunk is an error when
+                         read, not a number; /features only since 2026-12: older caches read as they are)
   /steps                 (n_rows, 8, 768) float16, each row's map pooled over space only: one vector
                          per temporal position (12 KB a clip; format 2, `pipeline upgrade` adds it)
   /clips/video           (n_rows,) int32   index into /videos of the row's video
@@ -132,7 +133,7 @@ class StoreWriter:
         dtype = np.dtype(settings["dtype"])
         comp = COMPRESSION[settings["compression"]]
         self.f.create_dataset("features", (0, *map_shape), dtype, maxshape=(None, *map_shape),
-                              chunks=(1, *map_shape), **comp)
+                              chunks=(1, *map_shape), fletcher32=True, **comp)
         self.f.create_dataset("pooled", (0, map_shape[0]), np.float32, maxshape=(None, map_shape[0]),
                               chunks=(256, map_shape[0]), fletcher32=True)
         _create_steps(self.f, 0, map_shape)
@@ -297,6 +298,12 @@ def read_settings(path) -> dict | None:
         return None
 
 
+def filters(ds: h5py.Dataset) -> tuple:
+    """The filter pipeline of a dataset: raw chunks can be copied between two datasets only when equal."""
+    plist = ds.id.get_create_plist()
+    return tuple(plist.get_filter(i)[:3] for i in range(plist.get_nfilters()))
+
+
 def merge(inputs, out, settings: dict | None = None, expect: dict[int, str] | None = None) -> int:
     """Join cache files (parts or shards) into `out`, videos sorted by `order`; written to a
     temporary name and renamed, so `out` is either absent or complete. Returns the video count.
@@ -342,14 +349,18 @@ def merge(inputs, out, settings: dict | None = None, expect: dict[int, str] | No
             for o in sorted(where):
                 si, vi = where[o]
                 s = stores[si]
+                same_filters = filters(s.f["features"]) == filters(writer.f["features"])
                 r = s.videos["first_row"][vi]
                 n = s.videos["n_clips"][vi] * s.videos["n_views"][vi]
                 v = VideoResult(**{k: s.videos[k][vi] for k in VIDEO_STR},
                                 label=int(s.videos["label"][vi]), order=int(o), n_views=int(s.videos["n_views"][vi]),
                                 n_frames=int(s.videos["n_frames"][vi]))
                 if n:
-                    zeros = (0,) * (s.f["features"].ndim - 1)
-                    v.chunks = [s.f["features"].id.read_direct_chunk((row, *zeros)) for row in range(r, r + n)]
+                    if same_filters:
+                        zeros = (0,) * (s.f["features"].ndim - 1)
+                        v.chunks = [s.f["features"].id.read_direct_chunk((row, *zeros)) for row in range(r, r + n)]
+                    else:            # a part written without the maps' checksums: decoded and re-encoded
+                        v.maps = s.f["features"][r:r + n]
                     v.pooled = s.f["pooled"][r:r + n]
                     v.steps = s.f["steps"][r:r + n]
                     v.frame_indices = s.f["clips/frame_indices"][r:r + s.videos["n_clips"][vi]]

@@ -104,11 +104,15 @@ def test_small_slips_each_get_one_line(trained, tmp_path):
         (["predict", "--checkpoint", ck, "--support", str(sup), str(tmp_path / "empty")], "no query video in"),
         (["predict", "--checkpoint", ck, "--support", str(sup), "--cache-dir", str(tmp_path / "pc"), str(junk)],
          "none of the 1 query videos could be read"),
+        (["extract", "--root", str(tmp_path / "nowhere"), "--split", str(trained / "split"), "--out", ck],
+         "does not exist"),
     ]
     for args, message in cases:
         r = cli(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert message in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr, (args, r.stderr)
+    assert sorted(p.name for p in (trained / "run" / "seed-0").iterdir()) == ["best.pt", "curve.csv", "curve.json",
+                                                                            "last.pt"]   # no lock file left
 
 
 @pytest.fixture

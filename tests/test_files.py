@@ -32,4 +32,5 @@ def test_a_second_writer_is_refused_at_once_with_the_holder_named(tmp_path, trai
                 str(tmp_path / "run"), "--workers", "0")
         assert r.returncode == 2 and "another process is writing this feature cache" in r.stderr
     with exclusive(tmp_path / "run", "run folder"):      # released: the next holder gets it
-        pass
+        assert (tmp_path / "run.lock").exists()
+    assert not (tmp_path / "run.lock").exists()          # removed by its holder: no file outlives a run

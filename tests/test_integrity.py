@@ -101,3 +101,47 @@ def test_a_cache_replaced_under_the_same_name_gets_fresh_episodes(tmp_path):
     again, _ = evaluate([tmp_path / "run"], cache, n_way=2, q_query=5, episodes=10, runs=1)
     assert first[0]["episodes_digest"] != again[0]["episodes_digest"]
     assert len(list((tmp_path / "c.episodes").glob("test-*.npz"))) == 2     # the old file is not reused
+
+
+def _drop_map_checksums(src, dst):
+    """A copy of a cache as written before the maps carried fletcher32 checksums."""
+    import shutil
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        maps = f["features"][:]
+        del f["features"]
+        f.create_dataset("features", data=maps, maxshape=(None, *maps.shape[1:]), chunks=(1, *maps.shape[1:]))
+    return dst
+
+
+def test_a_changed_byte_in_a_map_is_an_error_not_another_number(tmp_path):
+    from pipeline.store import filters
+    cache = order_cache(tmp_path / "c.h5")                 # compression none: any changed byte is a valid float
+    cfg = TrainConfig(head="rvn1", **FAST)
+    train(cache, tmp_path / "run", cfg, progress=False)
+    with h5py.File(cache) as f:
+        assert f["features"].fletcher32 and len(filters(f["features"])) == 1
+        info = f["features"].id.get_chunk_info(0)
+    with open(cache, "r+b") as raw:
+        raw.seek(info.byte_offset + 100)
+        byte = raw.read(1)
+        raw.seek(info.byte_offset + 100)
+        raw.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(FeatureError, match=r"rows 0-\d+ of /features cannot be read .*damaged"):
+        train(cache, tmp_path / "again", cfg, progress=False)
+
+
+def test_a_cache_without_map_checksums_loads_and_merges_into_a_checksummed_one(tmp_path):
+    from pipeline.store import merge, verify
+    from pipeline.tools.info import describe
+    old = _drop_map_checksums(order_cache(tmp_path / "c.h5"), tmp_path / "old.h5")
+    assert "no checksums on the maps" in describe(old)
+    assert verify(old, progress=False)[1] == []
+    merge([old], tmp_path / "m.h5")
+    with FeatureStore(old) as a, FeatureStore(tmp_path / "m.h5") as b:
+        assert b.f["features"].fletcher32 and not a.f["features"].fletcher32
+        assert np.array_equal(a.f["features"][:], b.f["features"][:])
+        assert list(a.videos["digest"]) == list(b.videos["digest"])
+        assert a.f.attrs["content_digest"] == b.f.attrs["content_digest"]
+    assert verify(tmp_path / "m.h5", progress=False)[1] == []
+    train(old, tmp_path / "run", TrainConfig(head="rvn1", **FAST), progress=False)

@@ -26,7 +26,9 @@ def describe_cache(path: Path) -> str:
         feats = s.f["features"]
         v = s.videos
         lines = [f"cache {path}: {path.stat().st_size / 1e6:.1f} MB, {len(s)} videos, {feats.shape[0]} clip rows",
-                 f"features {feats.shape[1:]} {feats.dtype}, compression {feats.compression or 'none'}; format "
+                 f"features {feats.shape[1:]} {feats.dtype}, compression {feats.compression or 'none'}, "
+                 + ("checksummed" if feats.fletcher32 else "no checksums on the maps (written before 2026-12)")
+                 + f"; format "
                  f"{s.version}, " + ("per-step view " + str(s.f["steps"].shape[1:]) if "steps" in s.f else
                                      f"no per-step view (`pipeline upgrade {path}` adds it)"),
                  "settings: " + json.dumps(s.settings, sort_keys=True),
