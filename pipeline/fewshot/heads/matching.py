@@ -19,6 +19,7 @@ the same way, and `StudyOptions` are that wrapping, option by option:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import combinations
 
 import torch
@@ -75,6 +76,7 @@ class StudyDefaults(StudyOptions):
     temperature: float = redefault(StudyOptions, "temperature", 100.0)
 
 
+@lru_cache(maxsize=64)      # built once per shape, not in every encode (the returned tensor is only read)
 def step_tuples(length: int, size: int, which: str = "all", head: str = "matching") -> torch.Tensor:
     """(U, size) step indices of the tuples of `size` steps of a `length`-step sequence, in the order
     of `itertools.combinations` (all) or by start (consecutive); `head` names the head in the error."""
