@@ -179,6 +179,54 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             typer.echo(f"  {vid}: {why}")
 
 
+@app.command("import-features")
+def import_features_cmd(root: Path = typer.Option(..., help="Folder of per-video feature files (see --layout)."),
+                        out: Path = typer.Option(..., help="Feature cache (.h5) to write."),
+                        backbone: str = typer.Option(..., help="The network the features came from, as you name it (recorded, and part of the settings: caches of other backbones never mix), e.g. r2plus1d_34."),
+                        layout: str = typer.Option("temporal_matching", help="temporal_matching: ROOT/<part>/<class>/<video>/video_features.pth (+ clip_names.txt), the matching study's release | files: ROOT/<part>/<class>/<video>.npy|.pth, or ROOT/<class>/<video>.* with --split."),
+                        split: Optional[str] = typer.Option(None, help="files layout without part folders: a split folder or name (train/val/test_classes.txt)."),
+                        workers: int = typer.Option(4, min=1, help="Threads reading and hashing files."),
+                        drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Record a video whose features hold a NaN or infinity as failed and go on, instead of stopping."),
+                        allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Go on when one file (same sha256) is in two parts; recorded in the cache."),
+                        overwrite: bool = typer.Option(False, help="Replace a cache imported from other files or with other settings."),
+                        summary_file: Optional[Path] = typer.Option(None, "--summary", help="Also write the cache's content digest, settings hash and counts to this JSON (what DVC tracks).")):
+    """Import another tool's per-video clip features (no video, no network): a cache of pooled clip
+    vectors, with the same integrity as an extracted one; heads that read pooled clips train on it."""
+    import json
+    from .files import atomic_write_text
+    from .importing import import_features
+    from .store import content_summary
+    r = import_features(root, out, layout, backbone, split, workers, overwrite, drop_nonfinite, allow_duplicates)
+    if summary_file:
+        summary_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(summary_file, json.dumps(content_summary(out), indent=1, sort_keys=True) + "\n")
+    if r["status"] == "up to date":
+        typer.echo(f"{out}: up to date ({r['videos']} videos, the same files), nothing to do")
+        return
+    typer.echo(f"{out}: {r['videos']} videos, {r['clips']} clips of {r['feature_size']}-d features imported in "
+               f"{r['seconds']:.1f} s ({r['videos_per_s']:.0f} videos/s)")
+    for vid, why in r["failed"]:
+        typer.echo(f"  failed: {vid}: {why}")
+
+
+@app.command("import-episodes")
+def import_episodes_cmd(folder: Path = typer.Argument(..., help="A folder of saved episodes, e.g. ucf101/ucf101_w5_s1 (support_set_<i>.pth, ...)."),
+                        cache: Path = typer.Option(..., help="The cache imported from the same release's features (`pipeline import-features`)."),
+                        out: Path = typer.Option(..., help="Episode file (.npz) to write: give it to `pipeline eval --episodes-file`."),
+                        count: Optional[int] = typer.Option(None, min=1, help="Import only the first COUNT episodes (default: all)."),
+                        part: str = typer.Option("test", help="The part the episodes were drawn from.")):
+    """Import another tool's saved test episodes (the matching study's format): every member found in
+    the cache by its frame names and checked against its saved features, so `eval --episodes-file`
+    scores exactly the sequences they scored."""
+    from .files import check_output, exclusive
+    from .importing import import_episodes
+    check_output(out, "episode file")
+    with exclusive(out, "episode file"):
+        r = import_episodes(folder, cache, out, count, part)
+    typer.echo(f"{out}: {r['count']} episodes, {r['n_way']}-way {r['k_shot']}-shot, {r['q_query']} queries per class, "
+               f"{r['clips']} clips per video, from {folder}")
+
+
 @app.command("merge")
 def merge_cmd(shards: List[Path] = typer.Argument(..., help="Shard files written by `extract --shard i/N`."),
               out: Path = typer.Option(..., help="Merged cache file.")):
@@ -234,7 +282,7 @@ def train(ctx: typer.Context,
           gamma: float = typer.Option(128.0, help="circle: scale factor gamma."),
           margin: float = typer.Option(0.4, help="circle: relaxation margin m."),
           scale: Optional[float] = typer.Option(None, help="ce: multiplier of the scores (default: 10 on cosine scores, 1 on logits)."),
-          optimizer: str = typer.Option("head", help="head (Adam, for cached features) | paper (SGD 1e-5)."),
+          optimizer: str = typer.Option("head", help="head (Adam, for cached features) | paper (SGD 1e-5) | study (the matching study's: plain SGD 1e-3, clip 1000, 20,002 episodes)."),
           lr: Optional[float] = typer.Option(None, help="Learning rate (default: the preset's)."),
           episodes: Optional[int] = typer.Option(None, help="Training episodes (default: the preset's)."),
           n_way: int = typer.Option(5, help="Classes per episode (N)."),
@@ -246,6 +294,8 @@ def train(ctx: typer.Context,
           seed: int = typer.Option(0, help="Seed of initialisation and episode sampling (the first seed)."),
           seeds: int = typer.Option(1, help="Training seeds: seed, seed+1, ... each in OUT/seed-N/ (the presets use 3)."),
           train_views: str = typer.Option("all", help="Cached crops drawn per video per episode: all (centre crop included) | random (only the random crops, views >= 1: the paper's training crop)."),
+          sampler: str = typer.Option("segments", help="How training draws a video's clips: segments (ours: T equal segments, a short video's clips spread in order) | study (the matching study's loader: a short video padded with its last clip)."),
+          seed_list: Optional[str] = typer.Option(None, help="Explicit training seeds, comma-separated (the matching study's: 1,5,10), instead of --seed/--seeds."),
           device: str = typer.Option("cpu", help="Where the head trains: cpu | cuda | auto (not part of the run's settings)."),
           drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Leave out videos whose cached features hold a NaN or infinity (named, and recorded in the checkpoint) instead of stopping."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in OUT trained with another head, options, settings or cache (otherwise refused)."),
@@ -267,13 +317,23 @@ def train(ctx: typer.Context,
     else:
         cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
-                          seed, seeds, train_views)
+                          seed, seeds, train_views, sampler, _seed_list(seed_list))
     for r in run_train(cache, out, cfg, log=typer.echo, device=device, drop_nonfinite=drop_nonfinite,
                        overwrite=overwrite):
         trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"
                    if r["episodes"] else "(no parameters: scored on validation, not trained)")
         typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% {trained}; checkpoint "
                    f"{r['folder']}/best.pt")
+
+
+def _seed_list(text: Optional[str]) -> Optional[list]:
+    from .errors import ConfigError
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seed-list must be integers separated by commas, got {text!r}") from None
 
 
 def run_entry(params: Path, run: str) -> dict:
@@ -308,6 +368,7 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
              device: str = typer.Option("cpu", help="Where the heads run: cpu | cuda | auto."),
              drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Leave out test videos whose cached features hold a NaN or infinity (listed under the table and in the metrics) instead of stopping."),
              accuracies: Optional[Path] = typer.Option(None, help="Also save the (seeds, episodes) accuracies (.npy, one run) for paired comparisons in `pipeline report`."),
+             episodes_file: Optional[Path] = typer.Option(None, help="Score these saved episodes (written by `pipeline import-episodes`) instead of drawing fixed ones: N, K, Q and the count are the file's; --runs splits them into runs."),
              overwrite: bool = typer.Option(False, help="Replace metrics or accuracies files that hold another result.")):
     """Evaluate with the paper's protocol on fixed episodes; prints a table, writes metrics JSON."""
     from .errors import ConfigError
@@ -330,7 +391,7 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
         for c in checkpoints:
             check_writable(metrics_file(c), c, overwrite)
     results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part,
-                            device, drop_nonfinite)
+                            device, drop_nonfinite, episodes_file)
     typer.echo(table(results))
     for note in (missing_note(results), dropped_note(results)):
         if note:

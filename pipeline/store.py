@@ -12,6 +12,8 @@ Layout (every name readable with plain h5py or `h5ls -r`):
   /clips/view            (n_rows,) int16   0 = center crop, >= 1 = seeded random crop (+ flip)
   /clips/clip            (n_rows,) int16   position of the clip in its video (temporal order)
   /clips/frame_indices   (n_rows, F) int32 decoded frame indices the clip was built from
+  /clips/name            (n_rows,) string, imported caches only: the clip's name in its source (the
+                         matching study's first frame name), which saved episodes refer to
   /videos/{id, class_name, part, status, reason}   strings, one per video ("Class/stem", ...)
   /videos/warning        string, "" or what was wrong with a video that was still used (a truncated file)
   /videos/file_sha256    string, sha256 of the video file the rows were computed from: what
@@ -26,6 +28,9 @@ Layout (every name readable with plain h5py or `h5ls -r`):
 
 warning, file_sha256, digest and content_digest came within format 2; caches written before them read them
 as "" (nothing to compare: `pipeline extract --overwrite` writes them).
+
+An imported cache (`pipeline import-features`: another tool's per-video clip vectors) has /pooled
+(n_rows, D) and no /features or /steps (F = 0): settings["source"] says where it came from.
 
 Rows of one video are contiguous, view-major: row first_row + view * n_clips + clip. A failed video
 has status "failed", a reason, and no rows. `order` is the video's position in the full,
@@ -106,6 +111,7 @@ class VideoResult:
     steps: np.ndarray | None = None      # (views * clips, T', 768)
     frame_indices: np.ndarray | None = None  # (clips, F)
     chunks: list | None = None           # instead of maps: already-filtered HDF5 chunks (mask, bytes) to copy
+    clip_names: list | None = None       # imported caches: each clip's name in its source
     n_views: int = 0
     n_frames: int = 0
     status: str = "ok"
@@ -115,11 +121,11 @@ class VideoResult:
     digest: str = ""                     # given with chunks (copied from the source); else computed
 
 
-def values_digest(maps: np.ndarray, pooled: np.ndarray, steps: np.ndarray, frame_indices: np.ndarray) -> str:
-    """sha256 of one video's stored values, in the stored dtypes: equal data, equal digest, whatever the
-    compression bytes."""
+def values_digest(*arrays: np.ndarray) -> str:
+    """sha256 of one video's stored values (maps, pooled, steps, frame indices; an imported cache's pooled
+    and frame indices), in the stored dtypes: equal data, equal digest, whatever the compression bytes."""
     h = hashlib.sha256()
-    for a in (maps, pooled, steps, frame_indices):
+    for a in arrays:
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
@@ -127,16 +133,20 @@ def values_digest(maps: np.ndarray, pooled: np.ndarray, steps: np.ndarray, frame
 class StoreWriter:
     """Creates a cache file and appends videos to it (used for parts, shards and merges alike)."""
 
-    def __init__(self, path, settings: dict, provenance: dict, map_shape, frames: int):
+    def __init__(self, path, settings: dict, provenance: dict, map_shape, frames: int, feature_size: int = 0):
+        """map_shape (C, t, h, w); None for an imported cache of `feature_size`-d clip vectors."""
         self.path = Path(path)
         self.f = h5py.File(self.path, "w")
-        dtype = np.dtype(settings["dtype"])
-        comp = COMPRESSION[settings["compression"]]
-        self.f.create_dataset("features", (0, *map_shape), dtype, maxshape=(None, *map_shape),
-                              chunks=(1, *map_shape), fletcher32=True, **comp)
-        self.f.create_dataset("pooled", (0, map_shape[0]), np.float32, maxshape=(None, map_shape[0]),
-                              chunks=(256, map_shape[0]), fletcher32=True)
-        _create_steps(self.f, 0, map_shape)
+        self.maps = map_shape is not None
+        size = map_shape[0] if self.maps else feature_size
+        if self.maps:
+            self.f.create_dataset("features", (0, *map_shape), np.dtype(settings["dtype"]), maxshape=(None, *map_shape),
+                                  chunks=(1, *map_shape), fletcher32=True, **COMPRESSION[settings["compression"]])
+            _create_steps(self.f, 0, map_shape)
+        else:
+            self.f.create_dataset("clips/name", (0,), STR, maxshape=(None,), chunks=True)
+        self.f.create_dataset("pooled", (0, size), np.float32, maxshape=(None, size), chunks=(256, size),
+                              fletcher32=True)
         for name, dt, shape in (("video", np.int32, ()), ("view", np.int16, ()), ("clip", np.int16, ()),
                                 ("frame_indices", np.int32, (frames,))):
             self.f.create_dataset(f"clips/{name}", (0, *shape), dt, maxshape=(None, *shape), chunks=True)
@@ -168,7 +178,7 @@ class StoreWriter:
         self._queued, self._queued_rows = {}, 0
 
     def add(self, v: VideoResult) -> None:
-        rows = len(v.chunks) if v.chunks is not None else 0 if v.maps is None else len(v.maps)
+        rows = 0 if v.pooled is None else len(v.pooled)
         clips = 0 if rows == 0 else rows // v.n_views
         if v.chunks is not None:  # merging: copy compressed chunks as they are, no decode/re-encode
             if "features" in self._queued:  # chunks go straight to their rows: queued maps first
@@ -181,14 +191,18 @@ class StoreWriter:
         digest = v.digest
         if rows:
             pooled = v.pooled.astype(np.float32, copy=False)
-            steps = (step_maps(v.maps) if v.steps is None else v.steps).astype(np.float16, copy=False)
             indices = np.tile(v.frame_indices, (v.n_views, 1)).astype(np.int32, copy=False)
-            if v.chunks is None:
-                maps = v.maps.astype(self.f["features"].dtype, copy=False)
-                self._queue("features", maps)
-                digest = values_digest(maps, pooled, steps, indices)
+            if not self.maps:
+                self._queue("clips/name", np.array(v.clip_names, dtype=object))
+                digest = values_digest(pooled, indices)
+            else:
+                steps = (step_maps(v.maps) if v.steps is None else v.steps).astype(np.float16, copy=False)
+                self._queue("steps", steps)
+                if v.chunks is None:
+                    maps = v.maps.astype(self.f["features"].dtype, copy=False)
+                    self._queue("features", maps)
+                    digest = values_digest(maps, pooled, steps, indices)
             self._queue("pooled", pooled)
-            self._queue("steps", steps)
             self._queue("clips/video", np.full(rows, self.videos, np.int32))
             self._queue("clips/view", np.repeat(np.arange(v.n_views), clips))
             self._queue("clips/clip", np.tile(np.arange(clips), v.n_views))
@@ -256,8 +270,23 @@ class FeatureStore:
     def __exit__(self, *exc):
         self.close()
 
+    @property
+    def imported(self) -> bool:
+        """Imported from another tool's clip vectors: no maps, no per-step view."""
+        return "features" not in self.f
+
+    def maps(self) -> h5py.Dataset:
+        """The clip feature maps (n_rows, 768, t, h, w)."""
+        if self.imported:
+            raise CacheError(f"feature cache {self.path} was imported from {self.settings.get('source')} clip vectors: "
+                             "it has no feature maps; choose a head that reads pooled clip vectors (`pipeline heads`)")
+        return self.f["features"]
+
     def steps(self) -> h5py.Dataset:
         """The per-time-step view (n_rows, t, 768) float16."""
+        if self.imported:
+            raise CacheError(f"feature cache {self.path} was imported from {self.settings.get('source')} clip vectors: "
+                             "it has no per-time-step view; use the head without per_step (each clip is one step)")
         if "steps" not in self.f:
             raise CacheError(f"feature cache {self.path} has no per-time-step view (/steps; format "
                              f"{self.version}, written before it existed): run `pipeline upgrade {self.path}` "
@@ -287,7 +316,7 @@ def content_summary(path) -> dict:
     with FeatureStore(path) as s:
         return dict(content_digest=s.f.attrs.get("content_digest"), settings_hash=s.settings_hash,
                     format_version=int(s.version), videos=len(s), failed=len(s.failures()),
-                    clip_rows=int(s.f["features"].shape[0]))
+                    clip_rows=int(s.f["pooled"].shape[0]))
 
 
 def read_settings(path) -> dict | None:
@@ -379,7 +408,8 @@ def verify(path, block: int = 256, progress: bool = True) -> tuple[int, list[str
     problems, checked = [], 0
     with FeatureStore(path) as s:
         v = s.videos
-        ds = [s.f["features"], s.f["pooled"], s.steps(), s.f["clips/frame_indices"]]   # kept open: chunk caches
+        ds = ([s.f["pooled"], s.f["clips/frame_indices"]] if s.imported else     # in the digest's order, kept
+              [s.f["features"], s.f["pooled"], s.steps(), s.f["clips/frame_indices"]])   # open: chunk caches
         rows = v["n_clips"] * v["n_views"] * (v["status"] == "ok")
         table = hashlib.sha256()
         for lo in tqdm(range(0, len(s), block), unit="block", disable=not progress, desc=f"verify {s.path.name}"):

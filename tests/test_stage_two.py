@@ -284,10 +284,10 @@ def test_train_views_random_draws_only_the_random_crops(tmp_path, monkeypatch):
     three = write_cache(tmp_path / "v3.h5", data, parts, views=3)
     drawn, real = [], SplitFeatures.inputs
 
-    def spy(self, videos, views=None, clips=None, rng=None):
+    def spy(self, videos, views=None, clips=None, rng=None, sampler="segments"):
         if rng is not None:                                   # training draws only
             drawn.append(np.asarray(views))
-        return real(self, videos, views, clips, rng)
+        return real(self, videos, views, clips, rng, sampler)
     monkeypatch.setattr(SplitFeatures, "inputs", spy)
     fast = dict(head="lstm", head_options={"hidden": 8}, n_way=2, episodes=60, val_every=60, val_episodes=5, val_query=2)
     for mode, lowest in (("all", 0), ("random", 1)):

@@ -1,4 +1,5 @@
-"""N-way K-shot episodes: drawn fresh for training, a fixed file of video ids for val and test."""
+"""N-way K-shot episodes: drawn fresh for training, a fixed file of video ids for val and test, or a
+file of fixed clip sequences imported from another tool's saved episodes."""
 from __future__ import annotations
 
 import hashlib
@@ -86,3 +87,35 @@ def fixed_episodes(cache: Path, ids: np.ndarray, videos_by_class: dict, part: st
                             meta=json.dumps(dict(part=part, n_way=n_way, k_shot=k_shot, q_query=q_query, count=count,
                                                  seed=seed)))
     return eps
+
+
+def save_sequences(path, ids, episodes: np.ndarray, positions: np.ndarray, meta: dict) -> None:
+    """Episodes whose members are fixed clip sequences: `episodes` (E, N, K+Q) indices into `ids`,
+    `positions` (E, N, K+Q, T) the clip of each step, `meta` what they are (n_way, k_shot, q_query,
+    count, clips, part, source)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, ids=np.asarray(ids, dtype=str), episodes=episodes.astype(np.int32),
+                            positions=positions.astype(np.int32), meta=json.dumps(dict(meta, kind="sequences")))
+
+
+def load_sequences(path) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(ids, episodes, positions, meta) of a file written by `save_sequences`."""
+    path = Path(path)
+    if not path.is_file():
+        raise EpisodeError(f"episode file {path} does not exist (`pipeline import-episodes` writes one)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids, eps, pos, meta = z["ids"], z["episodes"], z["positions"], json.loads(str(z["meta"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise EpisodeError(f"{path}: not an episode file of fixed sequences ({e})") from None
+    return ids, eps, pos, meta
+
+
+def sequences_digest(ids, episodes: np.ndarray, positions: np.ndarray) -> str:
+    """Like `episodes_digest`, with each member's clip positions: the same videos sampled at other
+    clips are other episodes."""
+    h = hashlib.sha256("\n".join(np.asarray(ids)[episodes.ravel()]).encode())
+    h.update(np.ascontiguousarray(positions, dtype=np.int32).tobytes())
+    return h.hexdigest()[:16]

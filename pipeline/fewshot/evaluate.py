@@ -15,8 +15,8 @@ from ..files import atomic_path, atomic_write_text, check_output
 from ..store import FeatureStore, check_settings
 from . import checkpoint
 from .heads import changed_options, format_options
-from .episodes import episodes_digest, fixed_episodes
-from .features import load
+from .episodes import episodes_digest, fixed_episodes, load_sequences, sequences_digest
+from .features import SplitFeatures, load
 from .metrics import format_p, mean_ci, over_seeds, paired, summarize
 
 ENCODE_BLOCK = 4096   # videos encoded per call: memory stays bounded for map heads
@@ -60,6 +60,25 @@ def episode_accuracies(head, feats, episodes: np.ndarray, k_shot: int, chunk: in
     return torch.cat(acc).cpu().numpy()
 
 
+def sequence_accuracies(head, feats: SplitFeatures, members: np.ndarray, positions: np.ndarray, k_shot: int,
+                        block: int = 1000, device: torch.device | str = "cpu") -> np.ndarray:
+    """(E,) accuracy of episodes whose members are fixed clip sequences (imported saved episodes):
+    `members` (E, N, K+Q) video indices into `feats`, `positions` (E, N, K+Q, T) their clips. Each
+    member is encoded as it occurs (a video sampled at other clips is another sequence), `block`
+    episodes at a time."""
+    if head.clips not in (None, positions.shape[-1]):
+        raise ConfigError(f"the episodes hold sequences of {positions.shape[-1]} clips; this head reads "
+                          f"{head.clips} (--head-opt clips={positions.shape[-1]} when training)")
+    acc = []
+    for s in range(0, len(members), block):
+        m, p = members[s:s + block], positions[s:s + block]
+        rows = feats.first[m.ravel(), 0][:, None] + p.reshape(-1, p.shape[-1])         # (B*N*(K+Q), T)
+        seqs = feats.x[rows][:, None]                                                     # (items, 1, T, D)
+        local = SplitFeatures.from_sequences(feats.ids[m.ravel()], feats.classes[m.ravel()], seqs)
+        acc.append(episode_accuracies(head, local, np.arange(m.size).reshape(m.shape), k_shot, device=device))
+    return np.concatenate(acc)
+
+
 def check_scores(scores: torch.Tensor, where) -> None:
     """Scores (b, ...) from a head: a NaN would become an accuracy (argmax picks class 0), so it is an
     error naming where (`where(i)` describes batch item i)."""
@@ -100,7 +119,8 @@ def run_name(target) -> str:
 
 
 def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, runs=10, seed=0,
-             part="test", device: str = "cpu", drop_nonfinite: bool = False) -> tuple[list[dict], list[np.ndarray]]:
+             part="test", device: str = "cpu", drop_nonfinite: bool = False,
+             episodes_file=None) -> tuple[list[dict], list[np.ndarray]]:
     """Metrics of each target (a run folder: every seed's best.pt; or one checkpoint) on the same fixed
     episodes, compared with the best target on the same episodes and seeds; and each target's
     (seeds, E) per-episode accuracies. K defaults to the K the checkpoints were trained with (which
@@ -124,10 +144,14 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         feats = {c: load(store, part, c, views=1, drop_nonfinite=drop_nonfinite) for c in {h.view for h in built.values()}}
         any_feats = next(iter(feats.values()))
         dropped = sorted({i for f in feats.values() for i in f.dropped})
-        eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
-                             episodes * runs, seed)
+        if episodes_file:
+            eps, positions, n_way, k_shot, q_query, episodes, runs = _sequences(episodes_file, any_feats, part, runs)
+            digest = sequences_digest(any_feats.ids, eps, positions)
+        else:
+            eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
+                                 episodes * runs, seed)
+            positions, digest = None, episodes_digest(any_feats.ids, eps)
         settings_hash = store.settings_hash
-        digest = episodes_digest(any_feats.ids, eps)
         missing = _missing(store.provenance, part)
 
     dev = pick_device(device)
@@ -138,8 +162,9 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         head's seeds, a best.pt equal to its last.pt) is not scored again."""
         key = _identity(ck)
         if key not in scored:
-            head = head or ck.build_head()
-            scored[key] = episode_accuracies(head.to(dev), feats[head.view], eps, k_shot, device=dev)
+            head = (head or ck.build_head()).to(dev)
+            scored[key] = (sequence_accuracies(head, feats[head.view], eps, positions, k_shot, device=dev)
+                           if episodes_file else episode_accuracies(head, feats[head.view], eps, k_shot, device=dev))
         return scored[key]
 
     results, accs = [], []
@@ -153,11 +178,35 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
                  head_options=first.head_options, loss=first.train_config["loss"] if first.state_dict else "(none)",
                  per_seed=per_seed, cache=str(cache), cache_settings_hash=settings_hash, n_way=n_way, k_shot=k_shot,
                  q_query=q_query, part=part, seed=seed, episodes_digest=digest, train_config=first.train_config,
+                 episodes_file=str(episodes_file) if episodes_file else None,
                  missing=missing, dropped=dropped)
         results.append(m)
         accs.append(acc)
     compare_to_best(results, accs)
     return results, accs
+
+
+def _sequences(path, feats: SplitFeatures, part: str, runs: int):
+    """An imported episode file for `feats`: (episodes as indices into feats, positions, N, K, Q,
+    episodes per run, runs)."""
+    ids, eps, positions, meta = load_sequences(path)
+    if meta.get("part") != part:
+        raise ConfigError(f"{path} holds {meta.get('part')} episodes; evaluate with --part {meta.get('part')}")
+    index = {v: i for i, v in enumerate(feats.ids)}
+    absent = [v for v in ids if v not in index]
+    if absent:
+        raise ConfigError(f"{path} names {len(absent)} video(s) not among this cache's usable {part} videos (e.g. "
+                          f"{absent[0]}): it was imported for another cache")
+    if feats.first is None:
+        raise ConfigError(f"{path} holds clip sequences: score it with a head that reads pooled clip vectors")
+    too_far = positions >= feats.count[np.array([index[v] for v in ids])][eps][..., None]
+    if too_far.any():
+        raise ConfigError(f"{path} names clips beyond the end of their videos in this cache: it was imported for "
+                          "another cache")
+    members = np.array([index[v] for v in ids])[eps]
+    count = len(eps)
+    runs = runs if count % runs == 0 else 1
+    return members, positions, int(meta["n_way"]), int(meta["k_shot"]), int(meta["q_query"]), count // runs, runs
 
 
 def _missing(provenance: dict, part: str) -> dict:

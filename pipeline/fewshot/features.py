@@ -13,6 +13,7 @@ train, 1 view: 1.8 GB), read once from HDF5 in contiguous row blocks.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -59,11 +60,12 @@ class SplitFeatures:
     def by_class(self) -> dict[str, np.ndarray]:
         return {c: np.flatnonzero(self.classes == c) for c in np.unique(self.classes)}
 
-    def inputs(self, videos, views=None, clips: int | None = None, rng: np.random.Generator | None = None):
+    def inputs(self, videos, views=None, clips: int | None = None, rng: np.random.Generator | None = None,
+               sampler: str = "segments"):
         """What a head reads of `videos` (B,) in `views` (B,; default view 0): maps (B, 768, t, h, w), or
         clip sequences (B, T, 768) with T = `clips` (None: the cache's own T, which must then be the same
-        for every video), random within segments when `rng` is given; from the per-step view, each
-        clip's t positions in a row: (B, T * t, 768)."""
+        for every video), random within segments when `rng` is given (`sampler`: SAMPLERS); from the
+        per-step view, each clip's t positions in a row: (B, T * t, 768)."""
         videos = np.asarray(videos)
         views = np.zeros(len(videos), int) if views is None else views
         if self.first is None:
@@ -74,7 +76,8 @@ class SplitFeatures:
                 raise FeatureError(f"videos have {count.min()} to {count.max()} clips (a dense cache): give the "
                                    "head a sequence length, --head-opt clips=T")
             clips = int(count[0])
-        seq = self.x[self.first[videos, views][:, None] + segment_picks(count, clips, rng)]   # (B, T, [t,] 768)
+        picks = SAMPLERS[sampler](count, clips, rng) if rng is not None else segment_picks(count, clips)
+        seq = self.x[self.first[videos, views][:, None] + picks]                       # (B, T, [t,] 768)
         return seq.reshape(len(videos), -1, seq.shape[-1])
 
 
@@ -87,6 +90,27 @@ def segment_picks(count: np.ndarray, clips: int, rng: np.random.Generator | None
     if rng is None or (hi - lo == 1).all():
         return (lo + hi - 1) // 2
     return lo + (rng.random(lo.shape) * (hi - lo)).astype(np.int64)
+
+
+def study_positions(count: int, clips: int, rng: np.random.Generator) -> list[int]:
+    """The clips the matching study's loader reads of a video of `count` clips (temporal_matching,
+    VideoFeatureReader.load_video_features): one drawn from each of `clips` segments bounded by
+    ceil(linspace(0, count, clips + 1)); a video of `clips` or fewer clips gives all of them, its last
+    repeated (no draw)."""
+    if count <= clips:
+        return list(range(count)) + [count - 1] * (clips - count)
+    b = np.linspace(0, count, clips + 1)
+    return [int(rng.choice(range(math.ceil(b[i]), math.ceil(b[i + 1])))) for i in range(clips)]
+
+
+def study_picks(count: np.ndarray, clips: int, rng: np.random.Generator) -> np.ndarray:
+    """(B,) clip counts -> (B, T) positions, drawn as the matching study's loader draws them."""
+    return np.array([study_positions(int(n), clips, rng) for n in count], dtype=np.int64)
+
+
+# How training draws a video's T clips: ours (segments by floor division, a short video's clips spread
+# in order) or the matching study's (a short video padded with its last clip)
+SAMPLERS = {"segments": segment_picks, "study": study_picks}
 
 
 def load(store: FeatureStore, part: str, view: str, views: int | None = None, block: int = 256,
@@ -120,7 +144,7 @@ def _load(store: FeatureStore, part: str, view: str, views: int | None, block: i
         return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv, first, count)
     if view != "maps":
         raise FeatureError(f"a head reads 'pooled', 'steps' or 'maps', not {view!r}")
-    feats = store.f["features"]
+    feats = store.maps()
     x = np.empty((len(sel), nv, *feats.shape[1:]), np.float16)
     for start in range(0, len(sel), block):
         chunk = sel[start:start + block]

@@ -17,16 +17,20 @@ from ..store import FeatureStore
 from . import checkpoint, heads
 from .checkpoint import Checkpoint
 from .episodes import EpisodeSampler, fixed_episodes
-from .features import SplitFeatures, load
+from .features import SAMPLERS, SplitFeatures, load
 from .losses import LOSSES, PER_VIDEO, check_loss, episode_loss
 
-# name -> (optimizer, lr, lr decay every, decay factor, episodes)
+# name -> (optimizer, lr, lr decay every, decay factor, episodes, gradient norm clip (0: none))
 OPTIMIZERS = {
     # The paper's values (SGD, lr 1e-5, x0.1 every 12,000 episodes, 18,000 episodes); they were set
     # for fine-tuning the whole network end to end and barely move a freshly initialised head.
-    "paper": ("sgd", 1e-5, 12000, 0.1, 18000),
+    "paper": ("sgd", 1e-5, 12000, 0.1, 18000, 0),
     # Head-only training on cached features (chosen on the demo cache, see docs/training-evaluation.md).
-    "head": ("adam", 1e-3, 1500, 0.1, 2000),
+    "head": ("adam", 1e-3, 1500, 0.1, 2000, 0),
+    # The matching study's run_matching.py as its README runs it: plain SGD (its default --opt), lr 1e-3
+    # (tuned per head with optuna in scripts outside the repository), no decay (milestone 1,000,000),
+    # one task per step, gradient norm clipped at 1000, 20,002 iterations (150,002 for SSv2: set episodes).
+    "study": ("plain_sgd", 1e-3, 1_000_000, 0.1, 20002, 1000),
 }
 
 
@@ -55,6 +59,8 @@ class TrainConfig:
     seed: int = 0
     seeds: int = 1                   # training seeds seed, seed + 1, ...: one checkpoint folder each
     train_views: str = "all"         # cached crops drawn in training: all | random (views >= 1: the paper's)
+    sampler: str = "segments"        # how training draws a video's clips: segments (ours) | study (the matching study's)
+    seed_list: list | None = None    # explicit training seeds (the matching study's 1, 5, 10) instead of seed, seed + 1, ...
 
     def __post_init__(self):
         if self.head_file:
@@ -74,6 +80,12 @@ class TrainConfig:
         for k in ("k_shot", "q_query", "val_every", "val_episodes", "val_query", "seeds"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"train.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.seed_list is not None and (not self.seed_list or not all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in self.seed_list)
+                or len(set(self.seed_list)) < len(self.seed_list)):
+            raise ConfigError(f"train.seed_list must be distinct integers >= 0, got {self.seed_list!r}")
         if self.train_views not in ("all", "random"):
             raise ConfigError(f"train.train_views must be all or random, got {self.train_views!r}")
         if self.n_way < 2:
@@ -104,7 +116,8 @@ class TrainConfig:
             want = types[k].split(" | ")[0]
             ok = dict(int=lambda x: isinstance(x, int) and not isinstance(x, bool),
                       float=lambda x: isinstance(x, (int, float)) and not isinstance(x, bool),
-                      str=lambda x: isinstance(x, str), dict=lambda x: isinstance(x, dict))[want]
+                      str=lambda x: isinstance(x, str), dict=lambda x: isinstance(x, dict),
+                      list=lambda x: isinstance(x, list))[want]
             if not (ok(v) or (v is None and "None" in types[k])):
                 raise ConfigError(f"{where}.{k}: expected {types[k]}, got {v!r}")
         try:
@@ -113,18 +126,22 @@ class TrainConfig:
             raise ConfigError(f"{where}: {e}") from None
 
     def schedule(self):
-        opt, lr, every, factor, episodes = OPTIMIZERS[self.optimizer]
+        opt, lr, every, factor, episodes, clip = OPTIMIZERS[self.optimizer]
         return (opt, lr if self.lr is None else self.lr, every, factor,
-                episodes if self.episodes is None else self.episodes)
+                episodes if self.episodes is None else self.episodes, clip)
+
+    def training_seeds(self) -> list[int]:
+        return list(self.seed_list) if self.seed_list is not None else list(range(self.seed, self.seed + self.seeds))
 
 
 def episode_scores(head, feats: SplitFeatures, episode: np.ndarray, k_shot: int, views: np.ndarray | None = None,
-                   rng: np.random.Generator | None = None, per_video: bool = False, device="cpu"):
+                   rng: np.random.Generator | None = None, per_video: bool = False, device="cpu",
+                   sampler: str = "segments"):
     """Scores (N*Q, N) of the queries of one episode (N, K+Q) against its N classes, and targets; with
     `rng`, each video's clips are drawn at random within their segments; with `per_video`, scores
     (N*Q, N, K) against each support video, scored as a one-shot class of its own."""
     n, kq = episode.shape
-    x = feats.inputs(episode.reshape(-1), views, head.clips, rng)
+    x = feats.inputs(episode.reshape(-1), views, head.clips, rng, sampler)
     z = head.encode(torch.from_numpy(x).to(device).float()).unflatten(0, (n, kq))        # (N, K+Q, ...)
     target = torch.arange(n, device=device).repeat_interleave(kq - k_shot)
     support, queries = z[:, :k_shot], head.as_query(z[:, k_shot:].flatten(0, 1))
@@ -161,8 +178,9 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print,
     out_dir = Path(out_dir)
     check_output(out_dir, "run folder", folder=True)
     with exclusive(out_dir, "run folder"):
-        for seed in range(config.seed, config.seed + config.seeds):
-            other = other_run(out_dir / f"seed-{seed}", replace(config, seed=seed, seeds=1), settings_hash)
+        for seed in config.training_seeds():
+            other = other_run(out_dir / f"seed-{seed}", replace(config, seed=seed, seeds=1, seed_list=None),
+                              settings_hash)
             if other and not overwrite:
                 raise TrainingError(f"{out_dir / f'seed-{seed}'} holds another run ({other}); pass --overwrite to "
                                     "replace it, or choose another --out")
@@ -170,9 +188,9 @@ def train(cache, out_dir, config: TrainConfig, progress: bool = True, log=print,
                 for name in ("best.pt", "last.pt", "curve.csv", "curve.json"):
                     (out_dir / f"seed-{seed}" / name).unlink(missing_ok=True)
         results = []
-        for seed in range(config.seed, config.seed + config.seeds):
-            one = replace(config, seed=seed, seeds=1)
-            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.seed + 1, progress, log, dev,
+        for seed in config.training_seeds():
+            one = replace(config, seed=seed, seeds=1, seed_list=None)
+            results.append(dict(_train(cache, out_dir / f"seed-{seed}", one, config.training_seeds()[0] + 1, progress, log, dev,
                                        drop_nonfinite), seed=seed, folder=str(out_dir / f"seed-{seed}")))
         return results
 
@@ -218,7 +236,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
                                  config.val_query, config.val_episodes, val_seed)
         cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash,
                           provenance=store.provenance, dropped=dropped, feature_size=tr.feature_size)
-    opt_name, lr, every, factor, total = config.schedule()
+    opt_name, lr, every, factor, total, clip = config.schedule()
     params = [p for p in head.parameters() if p.requires_grad]
 
     def save(name, episode, best_val, resume=None):
@@ -232,8 +250,8 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
         _write_curve(out_dir, [dict(episode=0, loss=float("nan"), val_accuracy=acc)])
         return dict(best_val=acc, episodes=0, seconds=0.0, val_seconds=0.0)
     # fused: one kernel over all parameters; the optimizer step is a fifth of a small head's episode
-    optim = (torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True) if opt_name == "sgd"
-             else torch.optim.Adam(params, lr=lr, fused=True))
+    optim = (torch.optim.Adam(params, lr=lr, fused=True) if opt_name == "adam"
+             else torch.optim.SGD(params, lr=lr, momentum=0.9 if opt_name == "sgd" else 0.0, fused=True))
     sched = torch.optim.lr_scheduler.StepLR(optim, every, factor)
     sampler = EpisodeSampler(tr.by_class(), config.n_way, config.k_shot, config.q_query)
     first_view = 1 if config.train_views == "random" else 0     # view 0 is the centre crop
@@ -260,7 +278,8 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
     for ep in bar:
         episode = sampler.sample(rng)
         views = rng.integers(first_view, tr.views, size=episode.size) if tr.views > 1 else None
-        sims, target = episode_scores(head, tr, episode, config.k_shot, views, rng, config.loss in PER_VIDEO, device)
+        sims, target = episode_scores(head, tr, episode, config.k_shot, views, rng, config.loss in PER_VIDEO, device,
+                                      config.sampler)
         loss = episode_loss(config.loss, sims, target, config.gamma, config.margin, config.scale)
         if not torch.isfinite(loss):
             raise TrainingError(f"episode {ep + 1}: loss is {loss.item()} (not finite); stopped without saving "
@@ -268,6 +287,8 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
                                 "or gamma.")
         optim.zero_grad()
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         optim.step()
         sched.step()
         window.append(loss.item())

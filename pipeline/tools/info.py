@@ -23,14 +23,18 @@ def describe(path) -> str:
 
 def describe_cache(path: Path) -> str:
     with FeatureStore(path) as s:
-        feats = s.f["features"]
         v = s.videos
-        lines = [f"cache {path}: {path.stat().st_size / 1e6:.1f} MB, {len(s)} videos, {feats.shape[0]} clip rows",
-                 f"features {feats.shape[1:]} {feats.dtype}, compression {feats.compression or 'none'}, "
-                 + ("checksummed" if feats.fletcher32 else "no checksums on the maps (written before 2026-12)")
-                 + f"; format "
-                 f"{s.version}, " + ("per-step view " + str(s.f["steps"].shape[1:]) if "steps" in s.f else
-                                     f"no per-step view (`pipeline upgrade {path}` adds it)"),
+        pooled = s.f["pooled"]
+        if s.imported:
+            what = (f"imported clip vectors ({pooled.shape[1]}-d, from {s.settings.get('source')}), checksummed; no maps, "
+                    f"no per-step view; format {s.version}")
+        else:
+            feats = s.f["features"]
+            what = (f"features {feats.shape[1:]} {feats.dtype}, compression {feats.compression or 'none'}, "
+                    + ("checksummed" if feats.fletcher32 else "no checksums on the maps (written before 2026-12)")
+                    + f"; format {s.version}, " + ("per-step view " + str(s.f["steps"].shape[1:]) if "steps" in s.f
+                                                  else f"no per-step view (`pipeline upgrade {path}` adds it)"))
+        lines = [f"cache {path}: {path.stat().st_size / 1e6:.1f} MB, {len(s)} videos, {pooled.shape[0]} clip rows", what,
                  "settings: " + json.dumps(s.settings, sort_keys=True),
                  "provenance: " + json.dumps({k: v for k, v in s.provenance.items() if k not in ("missing", "duplicates")},
                                              sort_keys=True)]
