@@ -68,6 +68,23 @@ def demo_data(out: Path = typer.Option(Path("data/demo"), help="Folder to write 
     typer.echo(f"demo dataset in {out}: {n} classes x {videos_per_class} videos; split files in {out / 'splits'}")
 
 
+@app.command()
+def standins(out: Path = typer.Option(Path("data/tm_standins"), help="Folder to write features/ and episodes/ to."),
+             dataset: str = typer.Option("ucf101", help="The dataset name their folders carry (ucf101 | kinetics | ssv2)."),
+             videos_per_class: int = typer.Option(12, min=7, help="Videos per class (5-shot episodes need 6)."),
+             episodes: int = typer.Option(200, min=1, help="Saved test episodes per shot (theirs: 10,000)."),
+             seed: int = typer.Option(0, help="Random seed of the features: same seed, same files.")):
+    """Generate stand-ins for the matching study's release in its exact formats: per-video feature
+    files (torch.save, 512-d) and saved 5-way 1- and 5-shot test episodes (docs/temporal-matching.md)."""
+    from .tools.standins import write_standins
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)          # regenerated whole: no stale files of another seed or size
+    write_standins(out, dataset, videos_per_class, episodes=episodes, seed=seed)
+    typer.echo(f"stand-ins in {out}: features/{dataset}/ (train, val, test) and episodes/{dataset}/{dataset}_w5_s1, _s5 "
+               f"({episodes} episodes each)")
+
+
 LAYOUT_HELP = "ucf101 | hmdb51 | kinetics | ssv2 | folder (see docs/datasets.md)."
 
 
