@@ -29,6 +29,10 @@ def atomic_path(path, suffix: str = ""):
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:      # a failed write() names no file: the refusal should name the output
+            e.filename = str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -151,47 +151,50 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
     classes = list(dict.fromkeys(s.class_name for p in PARTS for s in sources if s.part == p))
     label = {c: i for i, c in enumerate(classes)}
     t0 = time.perf_counter()
-    with exclusive(out, "feature cache"), ThreadPoolExecutor(max(1, workers)) as pool:
-        size = _read(sources[0])[1].shape[1]
-        settings = dict(source=layout, backbone=backbone, feature_size=size, dtype="float32", compression="none")
-        digests = list(pool.map(_digest, sources))
-        videos = [[s.id, s.part, label[s.class_name], d] for s, d in zip(sources, digests)]
-        if out.exists():
-            have = read_settings(out)
-            change = describe_change(_cache_videos(out), videos) if have == settings else None
-            if have == settings and not change:
-                return dict(path=str(out), status="up to date", videos=len(sources))
-            if not overwrite:
-                fix = "use --overwrite to replace it or choose another --out"
-                check_settings(have, settings, out, fix)
-                raise CacheMismatch(f"{out} was imported with the same settings from other files ({change}); {fix}")
-        duplicates = check_duplicates(videos, allow_duplicates)
-        provenance = dict(root=str(Path(root).resolve()), layout=layout, backbone=backbone,
-                          split=str(split) if split else "", numpy=np.__version__, python=platform.python_version(),
-                          **({"duplicates": duplicates} if duplicates else {}))
-        failed, clips = [], 0
-        bar = tqdm(total=len(sources), unit="video", disable=not progress, desc=f"import {out.name}")
-        with atomic_path(out) as tmp, StoreWriter(tmp, settings, provenance, None, 0, feature_size=size) as w:
-            for order, (s, (sha, x, names)) in enumerate(zip(sources, pool.map(_read, sources))):
-                if sha != digests[order]:
-                    raise FeatureImportError(f"{s.path}: changed while it was imported; import again")
-                if x.shape[1] != size:
-                    raise FeatureImportError(f"{s.path}: {x.shape[1]}-d features, but {sources[0].path} has {size}-d: "
-                                             "the files come from different networks")
-                v = VideoResult(s.id, s.class_name, s.part, label[s.class_name], order, n_views=1, file_sha256=sha)
-                bad = np.flatnonzero(~np.isfinite(x).all(1))
-                if len(bad):
-                    v.status, v.reason = "failed", f"non-finite values in clip(s) {', '.join(map(str, bad[:5]))}"
-                    if not drop_nonfinite:
-                        raise FeatureImportError(f"{s.path}: {v.reason}: the file is damaged; pass --drop-nonfinite "
-                                                 "to record the video as failed and go on")
-                    failed.append((s.id, v.reason))
-                else:
-                    v.pooled, v.frame_indices, v.clip_names = x, np.zeros((len(x), 0), np.int32), names
-                    clips += len(x)
-                w.add(v)
-                bar.update()
-        bar.close()
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
+        with exclusive(out, "feature cache"):
+            size = _read(sources[0])[1].shape[1]
+            settings = dict(source=layout, backbone=backbone, feature_size=size, dtype="float32", compression="none")
+            digests = list(pool.map(_digest, sources))
+            videos = [[s.id, s.part, label[s.class_name], d] for s, d in zip(sources, digests)]
+            if out.exists():
+                have = read_settings(out)
+                change = describe_change(_cache_videos(out), videos) if have == settings else None
+                if have == settings and not change:
+                    return dict(path=str(out), status="up to date", videos=len(sources))
+                if not overwrite:
+                    fix = "use --overwrite to replace it or choose another --out"
+                    check_settings(have, settings, out, fix)
+                    raise CacheMismatch(f"{out} was imported with the same settings from other files ({change}); {fix}")
+            duplicates = check_duplicates(videos, allow_duplicates)
+            provenance = dict(root=str(Path(root).resolve()), layout=layout, backbone=backbone,
+                              split=str(split) if split else "", numpy=np.__version__, python=platform.python_version(),
+                              **({"duplicates": duplicates} if duplicates else {}))
+            failed, clips = [], 0
+            with tqdm(total=len(sources), unit="video", disable=not progress, desc=f"import {out.name}") as bar, \
+                    atomic_path(out) as tmp, StoreWriter(tmp, settings, provenance, None, 0, feature_size=size) as w:
+                for order, (s, (sha, x, names)) in enumerate(zip(sources, pool.map(_read, sources))):
+                    if sha != digests[order]:
+                        raise FeatureImportError(f"{s.path}: changed while it was imported; import again")
+                    if x.shape[1] != size:
+                        raise FeatureImportError(f"{s.path}: {x.shape[1]}-d features, but {sources[0].path} has {size}-d: "
+                                                 "the files come from different networks")
+                    v = VideoResult(s.id, s.class_name, s.part, label[s.class_name], order, n_views=1, file_sha256=sha)
+                    bad = np.flatnonzero(~np.isfinite(x).all(1))
+                    if len(bad):
+                        v.status, v.reason = "failed", f"non-finite values in clip(s) {', '.join(map(str, bad[:5]))}"
+                        if not drop_nonfinite:
+                            raise FeatureImportError(f"{s.path}: {v.reason}: the file is damaged; pass --drop-nonfinite "
+                                                     "to record the video as failed and go on")
+                        failed.append((s.id, v.reason))
+                    else:
+                        v.pooled, v.frame_indices, v.clip_names = x, np.zeros((len(x), 0), np.int32), names
+                        clips += len(x)
+                    w.add(v)
+                    bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)      # an error stops the reading of the files still queued
     seconds = time.perf_counter() - t0
     return dict(path=str(out), status="written", videos=len(sources), failed=failed, feature_size=size, clips=clips,
                 seconds=seconds, videos_per_s=len(sources) / seconds if seconds > 0 else 0.0)

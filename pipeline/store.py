@@ -202,6 +202,10 @@ class StoreWriter:
                     maps = v.maps.astype(self.f["features"].dtype, copy=False)
                     self._queue("features", maps)
                     digest = values_digest(maps, pooled, steps, indices)
+                    if v.digest and digest != v.digest:    # re-encoded in a merge: damage is not carried over
+                        raise CacheError(f"{v.id}: its stored values differ from those written (damaged bytes in "
+                                         "a file without checksums on its maps); extract it again "
+                                         "(`pipeline info FILE --verify` names every such video)")
             self._queue("pooled", pooled)
             self._queue("clips/video", np.full(rows, self.videos, np.int32))
             self._queue("clips/view", np.repeat(np.arange(v.n_views), clips))

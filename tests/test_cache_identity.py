@@ -199,3 +199,17 @@ def test_truncation_walks_mp4_boxes(tmp_path):
     assert truncation(tmp_path / "ok.mp4") == ""
     assert truncation(tmp_path / "cut.mp4").startswith("file truncated: its 'mdat' box at byte 24 declares 1000 "
                                                       "bytes, 876 remain")
+
+
+@pytest.mark.filterwarnings("ignore:no --weights")
+def test_the_size_estimate_of_a_cache_is_its_stored_values(data, tmp_path):
+    from dataclasses import replace
+    from pipeline.extraction.extractor import estimated_bytes
+    settings = replace(SETTINGS, compression="none", preprocess=Preprocess(resize=56, crop=48))   # maps 2x2: 48/32 rounded up
+    root, split = data
+    entries, _ = resolve(load_split(split), root)
+    extract_features(entries, tmp_path / "c.h5", settings, Backbone.load(None, 0), batch_size=3, workers=0,
+                     progress=False)
+    with h5py.File(tmp_path / "c.h5") as f:
+        stored = sum(f[n].size * f[n].dtype.itemsize for n in ("features", "pooled", "steps"))
+    assert estimated_bytes(settings, len(entries)) == stored      # every video ok: the estimate is exact

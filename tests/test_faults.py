@@ -51,11 +51,20 @@ def test_every_preset_run_is_a_valid_training_config():
     root = Path(__file__).resolve().parents[1]
     keys = set(yaml.safe_load((root / "params.yaml").read_text()))
     for preset in [root / "params.yaml", *sorted((root / "configs").glob("*.yaml"))]:
+        if preset.name == "temporal_matching.yaml":     # the study's heads, read by its own pipeline (below)
+            continue
         assert set(yaml.safe_load(preset.read_text())) == keys, f"{preset.name}: not the sections of params.yaml"
         runs = yaml.safe_load(preset.read_text()).get("runs")
         assert runs, f"{preset.name}: no runs"
         for name, run in runs.items():
             TrainConfig.from_mapping(run, f"{preset.name}: runs.{name}")
+    study = yaml.safe_load((root / "studies/temporal_matching/params.yaml").read_text())
+    heads = yaml.safe_load((root / "configs/temporal_matching.yaml").read_text())["heads"]
+    assert set(study["heads"]) == set(heads)
+    for name in study["heads"]:
+        for shot in study["shots"]:
+            cfg = TrainConfig.from_mapping(dict(study["training"], **heads[name], k_shot=shot), name)
+            assert cfg.loss == "ce" and cfg.training_seeds() == [1, 5, 10] and cfg.schedule()[0] == "plain_sgd"
 
 
 def test_an_episode_file_is_bound_to_the_videos_in_their_order(tmp_path):
@@ -106,6 +115,8 @@ def test_small_slips_each_get_one_line(trained, tmp_path):
          "none of the 1 query videos could be read"),
         (["extract", "--root", str(tmp_path / "nowhere"), "--split", str(trained / "split"), "--out", ck],
          "does not exist"),
+        (["train", "--cache", str(trained / "c.h5"), "--out", str(tmp_path / "refused"), "--head", "lstm", "--n-way", "2"],
+         "(fewer queries: --val-query)"),
     ]
     for args, message in cases:
         r = cli(*args)
@@ -113,6 +124,7 @@ def test_small_slips_each_get_one_line(trained, tmp_path):
         assert message in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr, (args, r.stderr)
     assert sorted(p.name for p in (trained / "run" / "seed-0").iterdir()) == ["best.pt", "curve.csv", "curve.json",
                                                                             "last.pt"]   # no lock file left
+    assert not (tmp_path / "refused").exists()          # a refused run writes nothing
 
 
 @pytest.fixture

@@ -56,12 +56,12 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 def estimated_bytes(settings: ExtractSettings, videos: int) -> int:
-    """A lower estimate of a cache's size: segment clips' maps (MFNet: 768 x F/2 x crop/32 x crop/32) in
+    """A lower estimate of a cache's size: segment clips' maps (MFNet: 768 x F/2 x ceil(crop/32)^2) in
     the stored dtype, lzf / gzip at the demo's measured ratio (1.57), plus the pooled and per-step
     views; 0 for dense sampling, whose clip count depends on the videos' lengths."""
     if settings.sampling.mode != "segments":
         return 0
-    t, hw = settings.sampling.frames // 2, max(1, settings.preprocess.crop // 32)
+    t, hw = settings.sampling.frames // 2, -(-settings.preprocess.crop // 32)      # stride-2 stages round up
     maps = 768 * t * hw * hw * (2 if settings.dtype == "float16" else 4)
     maps = maps / 1.57 if settings.compression != "none" else maps
     return int(videos * settings.sampling.clips * settings.views * (maps + 768 * 4 + t * 768 * 2))
@@ -237,7 +237,8 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
             failed += sum(r.status != "ok" for r in results)
             # h5py can crash the process on a full disk: refuse while there is still room to say so
             check_output(parts_dir / f"part-{k:06d}.h5", "part file",
-                         need_bytes=sum(r.maps.nbytes + r.pooled.nbytes for r in results if r.maps is not None))
+                         need_bytes=sum(r.maps.size * np.dtype(settings.dtype).itemsize + r.pooled.nbytes
+                                        for r in results if r.maps is not None))     # uncompressed: an upper bound
             with atomic_path(parts_dir / f"part-{k:06d}.h5") as tmp, \
                     StoreWriter(tmp, wanted, provenance, map_shape, frames) as w:
                 for r in results:

@@ -16,7 +16,7 @@ from ..files import atomic_write_text, check_output, exclusive
 from ..store import FeatureStore
 from . import checkpoint, heads
 from .checkpoint import Checkpoint
-from .episodes import EpisodeSampler, fixed_episodes
+from .episodes import EpisodeError, EpisodeSampler, fixed_episodes
 from .features import SAMPLERS, SplitFeatures, load
 from .losses import LOSSES, PER_VIDEO, check_loss, episode_loss
 
@@ -231,9 +231,17 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
                 f"{', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''}")
         with torch.no_grad():        # options the data cannot serve (a sequence too short or too long) fail here
             head.encode(torch.from_numpy(np.asarray(tr.inputs([0], clips=head.clips), np.float32)).to(device))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        val_eps = fixed_episodes(Path(cache), va.ids, va.by_class(), "val", config.n_way, config.k_shot,
-                                 config.val_query, config.val_episodes, val_seed)
+        try:
+            val_eps = fixed_episodes(Path(cache), va.ids, va.by_class(), "val", config.n_way, config.k_shot,
+                                     config.val_query, config.val_episodes, val_seed)
+        except EpisodeError as e:
+            raise EpisodeError(f"validation episodes of {cache}: {e} (fewer queries: --val-query)") from None
+        if any(p.requires_grad for p in head.parameters()):
+            try:
+                sampler = EpisodeSampler(tr.by_class(), config.n_way, config.k_shot, config.q_query)
+            except EpisodeError as e:
+                raise EpisodeError(f"training episodes of {cache}: {e} (fewer queries: --q-query)") from None
+        out_dir.mkdir(parents=True, exist_ok=True)        # nothing is written for a run refused above
         cache_info = dict(path=str(cache), settings=store.settings, settings_hash=store.settings_hash,
                           provenance=store.provenance, dropped=dropped, feature_size=tr.feature_size)
     opt_name, lr, every, factor, total, clip = config.schedule()
@@ -253,7 +261,6 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
     optim = (torch.optim.Adam(params, lr=lr, fused=True) if opt_name == "adam"
              else torch.optim.SGD(params, lr=lr, momentum=0.9 if opt_name == "sgd" else 0.0, fused=True))
     sched = torch.optim.lr_scheduler.StepLR(optim, every, factor)
-    sampler = EpisodeSampler(tr.by_class(), config.n_way, config.k_shot, config.q_query)
     first_view = 1 if config.train_views == "random" else 0     # view 0 is the centre crop
     rng = np.random.default_rng(config.seed)
     start, best, curve = 0, -1.0, []
