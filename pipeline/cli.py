@@ -313,6 +313,7 @@ def train(ctx: typer.Context,
           train_views: str = typer.Option("all", help="Cached crops drawn per video per episode: all (centre crop included) | random (only the random crops, views >= 1: the paper's training crop)."),
           sampler: str = typer.Option("segments", help="How training draws a video's clips: segments (ours: T equal segments, a short video's clips spread in order) | study (the matching study's loader: a short video padded with its last clip)."),
           seed_list: Optional[str] = typer.Option(None, help="Explicit training seeds, comma-separated (the matching study's: 1,5,10), instead of --seed/--seeds."),
+          features_dtype: str = typer.Option("float32", help="Pooled clip vectors in memory: float32 | float16 (half the memory: SSv2's imported train part)."),
           device: str = typer.Option("cpu", help="Where the head trains: cpu | cuda | auto (not part of the run's settings)."),
           drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Leave out videos whose cached features hold a NaN or infinity (named, and recorded in the checkpoint) instead of stopping."),
           overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run in OUT trained with another head, options, settings or cache (otherwise refused)."),
@@ -334,7 +335,7 @@ def train(ctx: typer.Context,
     else:
         cfg = TrainConfig(head, parse_assignments(head_opt), str(head_file) if head_file else None, loss, gamma, margin,
                           scale, optimizer, lr, episodes, n_way, k_shot, q_query, val_every, val_episodes, val_query,
-                          seed, seeds, train_views, sampler, _seed_list(seed_list))
+                          seed, seeds, train_views, sampler, _seed_list(seed_list), features_dtype)
     for r in run_train(cache, out, cfg, log=typer.echo, device=device, drop_nonfinite=drop_nonfinite,
                        overwrite=overwrite):
         trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"

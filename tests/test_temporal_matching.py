@@ -226,3 +226,16 @@ def test_the_files_layout_with_a_split_and_heads_that_need_maps_are_told(tmp_pat
     with pytest.raises(FeatureImportError, match="no folder for 1 class"):
         shutil.rmtree(tmp_path / "feats" / "e")
         import_features(tmp_path / "feats", tmp_path / "d.h5", "files", "mine", split=split, progress=False)
+
+
+def test_pooled_clips_held_in_float16_take_half_the_memory_and_train(release, tmp_path):
+    from pipeline.fewshot.features import load
+    from pipeline.fewshot.train import TrainConfig, train
+    with FeatureStore(release / "c.h5") as st:
+        a, b = load(st, "train", "pooled"), load(st, "train", "pooled", pooled_dtype="float16")
+    assert b.x.dtype == np.float16 and b.x.nbytes * 2 == a.x.nbytes
+    np.testing.assert_array_equal(b.x, a.x.astype(np.float16))
+    r = train(release / "c.h5", tmp_path / "r", TrainConfig(head="diag", episodes=10, q_query=1, val_every=10,
+                                                            val_episodes=5, val_query=1, features_dtype="float16"),
+              progress=False)
+    assert r[0]["episodes"] == 10

@@ -114,19 +114,21 @@ SAMPLERS = {"segments": segment_picks, "study": study_picks}
 
 
 def load(store: FeatureStore, part: str, view: str, views: int | None = None, block: int = 256,
-         drop_nonfinite: bool = False) -> SplitFeatures:
+         drop_nonfinite: bool = False, pooled_dtype: str = "float32") -> SplitFeatures:
     """The ok videos of `part` in one of the cache's views ("pooled", "steps" or "maps"); all crop
-    views by default, or only the first `views`. A video with a NaN or infinity is an error naming
-    it, or with `drop_nonfinite` left out (and listed in `dropped`)."""
+    views by default, or only the first `views`; pooled vectors held as `pooled_dtype` (float16: half
+    the memory). A video with a NaN or infinity is an error naming it, or with `drop_nonfinite` left
+    out (and listed in `dropped`)."""
     try:
-        return _load(store, part, view, views, block, ())
+        return _load(store, part, view, views, block, (), pooled_dtype)
     except NonFinite as e:
         if not drop_nonfinite:
             raise
-        return replace(_load(store, part, view, views, block, e.ids), dropped=tuple(e.ids))
+        return replace(_load(store, part, view, views, block, e.ids, pooled_dtype), dropped=tuple(e.ids))
 
 
-def _load(store: FeatureStore, part: str, view: str, views: int | None, block: int, exclude) -> SplitFeatures:
+def _load(store: FeatureStore, part: str, view: str, views: int | None, block: int, exclude,
+          pooled_dtype: str) -> SplitFeatures:
     v = store.videos
     sel = np.flatnonzero((v["part"] == part) & (v["status"] == "ok") & ~np.isin(v["id"], list(exclude)))
     if len(sel) == 0:
@@ -137,9 +139,11 @@ def _load(store: FeatureStore, part: str, view: str, views: int | None, block: i
         starts = (v["first_row"][sel][:, None] + np.arange(nv)[None, :] * count[:, None]).ravel()   # cache rows
         lengths = np.repeat(count, nv)
         ds = store.f["pooled"] if view == "pooled" else store.steps()
-        x = read_runs(ds, starts, lengths)
+        x = read_runs(ds, starts, lengths, pooled_dtype if view == "pooled" else None)
         first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).reshape(len(sel), nv)
-        finite = np.logical_and.reduceat(np.isfinite(x.reshape(len(x), -1)).all(1), first.ravel())   # per video-view
+        rows_ok = np.concatenate([np.isfinite(x[lo:lo + 65536].reshape(-1, x[0].size)).all(1)    # in blocks: no
+                                  for lo in range(0, len(x), 65536)])                          # full-size mask
+        finite = np.logical_and.reduceat(rows_ok, first.ravel())                                # per video-view
         check_finite(store, part, view, v["id"][sel], finite.reshape(len(sel), nv).all(1))
         return SplitFeatures(v["id"][sel], v["class_name"][sel], x, nv, first, count)
     if view != "maps":
@@ -181,17 +185,20 @@ def check_finite(store: FeatureStore, part: str, view: str, ids: np.ndarray, ok:
                     "(recorded in the checkpoint and the metrics)", bad)
 
 
-def read_runs(ds, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Rows [start, start + length) of an HDF5 dataset, concatenated in the given order; adjacent
-    runs are read as one slice (a part's videos lie mostly together), never the whole dataset."""
-    out = np.empty((int(lengths.sum()), *ds.shape[1:]), ds.dtype)
+def read_runs(ds, starts: np.ndarray, lengths: np.ndarray, dtype=None, block: int = 1 << 16) -> np.ndarray:
+    """Rows [start, start + length) of an HDF5 dataset, concatenated in the given order, as `dtype`
+    (default: the dataset's); adjacent runs are read together (a part's videos lie mostly together),
+    `block` rows at a time, so a conversion never holds more than a block in the stored dtype."""
+    out = np.empty((int(lengths.sum()), *ds.shape[1:]), dtype or ds.dtype)
     pos, i = 0, 0
     while i < len(starts):
         j, end = i + 1, starts[i] + lengths[i]
         while j < len(starts) and starts[j] == end:
             end += lengths[j]
             j += 1
-        out[pos:pos + end - starts[i]] = read_rows(ds, starts[i], end)
-        pos += end - starts[i]
+        for lo in range(int(starts[i]), int(end), block):
+            hi = min(lo + block, int(end))
+            out[pos:pos + hi - lo] = read_rows(ds, lo, hi)
+            pos += hi - lo
         i = j
     return out

@@ -61,6 +61,7 @@ class TrainConfig:
     train_views: str = "all"         # cached crops drawn in training: all | random (views >= 1: the paper's)
     sampler: str = "segments"        # how training draws a video's clips: segments (ours) | study (the matching study's)
     seed_list: list | None = None    # explicit training seeds (the matching study's 1, 5, 10) instead of seed, seed + 1, ...
+    features_dtype: str = "float32"  # pooled clip vectors in memory: float16 halves it (a large imported cache)
 
     def __post_init__(self):
         if self.head_file:
@@ -80,6 +81,8 @@ class TrainConfig:
         for k in ("k_shot", "q_query", "val_every", "val_episodes", "val_query", "seeds"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        if self.features_dtype not in ("float32", "float16"):
+            raise ConfigError(f"train.features_dtype must be float32 or float16, got {self.features_dtype!r}")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"train.sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.seed_list is not None and (not self.seed_list or not all(
@@ -222,8 +225,8 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
     cls = heads.get(config.head)
     view = heads.view_of(cls, heads.parse_options(cls, config.head_options))
     with FeatureStore(cache) as store:
-        tr = load(store, "train", view, drop_nonfinite=drop_nonfinite)
-        va = load(store, "val", view, views=1, drop_nonfinite=drop_nonfinite)
+        tr = load(store, "train", view, drop_nonfinite=drop_nonfinite, pooled_dtype=config.features_dtype)
+        va = load(store, "val", view, views=1, drop_nonfinite=drop_nonfinite, pooled_dtype=config.features_dtype)
         head = heads.build(config.head, config.head_options, tr.feature_size).to(device)
         dropped = {p: list(f.dropped) for p, f in (("train", tr), ("val", va)) if f.dropped}
         for p, ids in dropped.items():
