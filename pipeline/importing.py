@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import platform
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from .errors import ConfigError, PipelineError
 from .extraction.datasets import PARTS, load_split
 from .extraction.extractor import _cache_videos, check_duplicates, describe_change
 from .files import atomic_path, check_output, exclusive, sha256
-from .store import CacheMismatch, StoreWriter, VideoResult, check_settings, read_settings
+from .store import CacheMismatch, StoreWriter, VideoResult, check_settings, read_settings, values_digest
 
 LAYOUTS = ("temporal_matching", "files")
 SUFFIXES = (".npy", ".pth", ".pt")
@@ -118,12 +120,26 @@ def clip_names(path: Path | None, clips: int) -> list[str]:
 
 
 def _read(src: Source):
+    """(file sha256, vectors, clip names, digest of the values as stored): all the per-file work, done
+    in the reading threads (hashlib and file reads release the GIL)."""
     try:
         data = src.path.read_bytes()
     except OSError as e:
         raise FeatureImportError(f"{src.path}: cannot be read ({e.strerror or e})") from None
     x = read_vectors(src.path, data)
-    return hashlib.sha256(data).hexdigest(), x, clip_names(src.names, len(x))
+    return (hashlib.sha256(data).hexdigest(), x, clip_names(src.names, len(x)),
+            values_digest(x, np.zeros((len(x), 0), np.int32)))
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: list, ahead: int = 64):
+    """fn(item) for each item, in order, computed by `pool` at most `ahead` items ahead (pool.map would
+    queue them all, and a fast reader would hold every file's vectors in memory)."""
+    futures = deque(pool.submit(fn, x) for x in items[:ahead])
+    for nxt in items[ahead:] + [None] * len(futures):
+        result = futures.popleft().result()
+        if nxt is not None:
+            futures.append(pool.submit(fn, nxt))
+        yield result
 
 
 def _digest(src: Source) -> str:
@@ -137,9 +153,10 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
                     drop_nonfinite: bool = False, allow_duplicates: bool = False, progress: bool = True) -> dict:
     """Import every video's clip vectors under `root` into the cache `out`. Returns a summary dict.
 
-    Two passes: every file's sha256 first (an unchanged cache is "up to date", a changed one or files
-    shared across parts are refused before anything is written), then the vectors, read, checked and
-    written in order, one video in memory per reading thread."""
+    Where `out` exists, every file's sha256 first (an unchanged cache is "up to date", a changed one is
+    refused before anything is written); then one pass reads, hashes, checks and writes the vectors in
+    order, a few videos in memory per reading thread. Files shared across parts are refused before
+    the cache is renamed into place."""
     from tqdm import tqdm
 
     if not backbone:
@@ -156,9 +173,10 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
         with exclusive(out, "feature cache"):
             size = _read(sources[0])[1].shape[1]
             settings = dict(source=layout, backbone=backbone, feature_size=size, dtype="float32", compression="none")
-            digests = list(pool.map(_digest, sources))
-            videos = [[s.id, s.part, label[s.class_name], d] for s, d in zip(sources, digests)]
-            if out.exists():
+            digests = None
+            if out.exists():                # an earlier import: up to date, or refused, before anything is written
+                digests = list(pool.map(_digest, sources))
+                videos = [[s.id, s.part, label[s.class_name], d] for s, d in zip(sources, digests)]
                 have = read_settings(out)
                 change = describe_change(_cache_videos(out), videos) if have == settings else None
                 if have == settings and not change:
@@ -167,16 +185,17 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
                     fix = "use --overwrite to replace it or choose another --out"
                     check_settings(have, settings, out, fix)
                     raise CacheMismatch(f"{out} was imported with the same settings from other files ({change}); {fix}")
-            duplicates = check_duplicates(videos, allow_duplicates)
+                check_duplicates(videos, allow_duplicates)
             provenance = dict(root=str(Path(root).resolve()), layout=layout, backbone=backbone,
-                              split=str(split) if split else "", numpy=np.__version__, python=platform.python_version(),
-                              **({"duplicates": duplicates} if duplicates else {}))
+                              split=str(split) if split else "", numpy=np.__version__, python=platform.python_version())
             failed, clips = [], 0
             with tqdm(total=len(sources), unit="video", disable=not progress, desc=f"import {out.name}") as bar, \
                     atomic_path(out) as tmp, StoreWriter(tmp, settings, provenance, None, 0, feature_size=size) as w:
-                for order, (s, (sha, x, names)) in enumerate(zip(sources, pool.map(_read, sources))):
-                    if sha != digests[order]:
+                read = []
+                for order, (s, (sha, x, names, digest)) in enumerate(zip(sources, _in_order(pool, _read, sources))):
+                    if digests is not None and sha != digests[order]:
                         raise FeatureImportError(f"{s.path}: changed while it was imported; import again")
+                    read.append([s.id, s.part, label[s.class_name], sha])
                     if x.shape[1] != size:
                         raise FeatureImportError(f"{s.path}: {x.shape[1]}-d features, but {sources[0].path} has {size}-d: "
                                                  "the files come from different networks")
@@ -190,9 +209,13 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
                         failed.append((s.id, v.reason))
                     else:
                         v.pooled, v.frame_indices, v.clip_names = x, np.zeros((len(x), 0), np.int32), names
+                        v.digest = digest
                         clips += len(x)
                     w.add(v)
                     bar.update()
+                duplicates = check_duplicates(read, allow_duplicates)   # one pass: checked before the rename
+                if duplicates:
+                    w.f.attrs["provenance"] = json.dumps(dict(provenance, duplicates=duplicates), sort_keys=True)
     finally:
         pool.shutdown(cancel_futures=True)      # an error stops the reading of the files still queued
     seconds = time.perf_counter() - t0

@@ -194,7 +194,7 @@ class StoreWriter:
             indices = np.tile(v.frame_indices, (v.n_views, 1)).astype(np.int32, copy=False)
             if not self.maps:
                 self._queue("clips/name", np.array(v.clip_names, dtype=object))
-                digest = values_digest(pooled, indices)
+                digest = v.digest or values_digest(pooled, indices)     # an importer's reading thread may give it
             else:
                 steps = (step_maps(v.maps) if v.steps is None else v.steps).astype(np.float16, copy=False)
                 self._queue("steps", steps)
@@ -222,8 +222,8 @@ class StoreWriter:
         self.rows += rows
         self.videos += 1
         self._queued_rows += rows
-        if self._queued_rows >= 256:   # bounds the memory held: 256 clips of maps
-            self.flush()
+        if self._queued_rows >= (256 if self.maps else 16384):   # bounds the memory held: 256 clips of maps,
+            self.flush()                                           # or 16k clip vectors (32 MB at 512-d)
 
     def close(self) -> None:
         if self.f:

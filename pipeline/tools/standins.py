@@ -40,7 +40,7 @@ def write_standins(out, dataset: str = "ucf101", videos_per_class: int = 12, dim
                 n = 1 if (c, i) == (0, 0) else int(rng.integers(3, 8)) if i == 1 else int(rng.integers(8, 30))
                 t = np.linspace(-1, 1, n)[:, None]
                 x = (centre + t * drift + 5.0 * rng.normal(size=(n, dim))).astype(np.float32)
-                frames = [[f"{k + j + 1:05d}.jpg" for j in range(16)] for k in range(n)]
+                frames = [[f"{k + j + 1:08d}.jpg" for j in range(16)] for k in range(n)]   # their frame names
                 torch.save(torch.from_numpy(x[0] if n == 1 else x), vdir / "video_features.pth")
                 (vdir / "clip_names.txt").write_text("".join(",".join(f) + "\n" for f in frames), encoding="utf-8")
                 if part == "test":
