@@ -202,7 +202,7 @@ def import_features_cmd(root: Path = typer.Option(..., help="Folder of per-video
                         backbone: str = typer.Option(..., help="The network the features came from, as you name it (recorded, and part of the settings: caches of other backbones never mix), e.g. r2plus1d_34."),
                         layout: str = typer.Option("temporal_matching", help="temporal_matching: ROOT/<part>/<class>/<video>/video_features.pth (+ clip_names.txt), the matching study's release | files: ROOT/<part>/<class>/<video>.npy|.pth, or ROOT/<class>/<video>.* with --split."),
                         split: Optional[str] = typer.Option(None, help="files layout without part folders: a split folder or name (train/val/test_classes.txt)."),
-                        workers: int = typer.Option(4, min=1, help="Threads reading and hashing files."),
+                        workers: int = typer.Option(2, min=1, help="Processes reading, checking and hashing files (about one per core)."),
                         drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Record a video whose features hold a NaN or infinity as failed and go on, instead of stopping."),
                         allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Go on when one file (same sha256) is in two parts; recorded in the cache."),
                         overwrite: bool = typer.Option(False, help="Replace a cache imported from other files or with other settings."),

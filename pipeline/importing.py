@@ -21,7 +21,8 @@ import json
 import platform
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,26 +121,39 @@ def clip_names(path: Path | None, clips: int) -> list[str]:
 
 
 def _read(src: Source):
-    """(file sha256, vectors, clip names, digest of the values as stored): all the per-file work, done
-    in the reading threads (hashlib and file reads release the GIL)."""
+    """(file sha256, vectors, clip names, digest of the values as stored, non-finite rows): all the
+    per-file work, done in the reading processes."""
     try:
         data = src.path.read_bytes()
     except OSError as e:
         raise FeatureImportError(f"{src.path}: cannot be read ({e.strerror or e})") from None
     x = read_vectors(src.path, data)
     return (hashlib.sha256(data).hexdigest(), x, clip_names(src.names, len(x)),
-            values_digest(x, np.zeros((len(x), 0), np.int32)))
+            values_digest(x, np.zeros((len(x), 0), np.int32)), np.flatnonzero(~np.isfinite(x).all(1)))
 
 
-def _in_order(pool: ThreadPoolExecutor, fn, items: list, ahead: int = 64):
-    """fn(item) for each item, in order, computed by `pool` at most `ahead` items ahead (pool.map would
-    queue them all, and a fast reader would hold every file's vectors in memory)."""
-    futures = deque(pool.submit(fn, x) for x in items[:ahead])
-    for nxt in items[ahead:] + [None] * len(futures):
-        result = futures.popleft().result()
+def _reader_init() -> None:
+    """In a forked reading process: torch on one thread, so that no tensor operation enters an OpenMP
+    region the parent may have used (GNU OpenMP does not survive a fork)."""
+    import torch
+    torch.set_num_threads(1)
+
+
+def _read_batch(sources: list) -> list:
+    return [_read(s) for s in sources]
+
+
+def _read_all(pool, sources: list, batch: int = 16, ahead: int = 8):
+    """_read of every source, in order: batches of `batch` files read by the pool's processes (torch.load
+    holds the GIL: threads would take turns), at most `ahead` batches ahead (pool.map would queue them
+    all, and fast readers would hold every file's vectors in memory)."""
+    batches = [sources[i:i + batch] for i in range(0, len(sources), batch)]
+    futures = deque(pool.submit(_read_batch, b) for b in batches[:ahead])
+    for nxt in batches[ahead:] + [None] * len(futures):
+        results = futures.popleft().result()
         if nxt is not None:
-            futures.append(pool.submit(fn, nxt))
-        yield result
+            futures.append(pool.submit(_read_batch, nxt))
+        yield from results
 
 
 def _digest(src: Source) -> str:
@@ -149,14 +163,15 @@ def _digest(src: Source) -> str:
         raise FeatureImportError(f"{src.path}: cannot be read ({e.strerror or e})") from None
 
 
-def import_features(root, out, layout: str, backbone: str, split=None, workers: int = 4, overwrite: bool = False,
+def import_features(root, out, layout: str, backbone: str, split=None, workers: int = 2, overwrite: bool = False,
                     drop_nonfinite: bool = False, allow_duplicates: bool = False, progress: bool = True) -> dict:
     """Import every video's clip vectors under `root` into the cache `out`. Returns a summary dict.
 
     Where `out` exists, every file's sha256 first (an unchanged cache is "up to date", a changed one is
     refused before anything is written); then one pass reads, hashes, checks and writes the vectors in
-    order, a few videos in memory per reading thread. Files shared across parts are refused before
-    the cache is renamed into place."""
+    order, a few batches of videos in memory per reading process (`workers` of them: torch.load holds
+    the GIL, so threads would take turns). Files shared across parts are refused before the cache is
+    renamed into place."""
     from tqdm import tqdm
 
     if not backbone:
@@ -168,14 +183,15 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
     classes = list(dict.fromkeys(s.class_name for p in PARTS for s in sources if s.part == p))
     label = {c: i for i, c in enumerate(classes)}
     t0 = time.perf_counter()
-    pool = ThreadPoolExecutor(max(1, workers))
+    pool = ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("fork"),
+                               initializer=_reader_init)
     try:
         with exclusive(out, "feature cache"):
             size = _read(sources[0])[1].shape[1]
             settings = dict(source=layout, backbone=backbone, feature_size=size, dtype="float32", compression="none")
             digests = None
             if out.exists():                # an earlier import: up to date, or refused, before anything is written
-                digests = list(pool.map(_digest, sources))
+                digests = list(pool.map(_digest, sources, chunksize=64))
                 videos = [[s.id, s.part, label[s.class_name], d] for s, d in zip(sources, digests)]
                 have = read_settings(out)
                 change = describe_change(_cache_videos(out), videos) if have == settings else None
@@ -192,7 +208,7 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
             with tqdm(total=len(sources), unit="video", disable=not progress, desc=f"import {out.name}") as bar, \
                     atomic_path(out) as tmp, StoreWriter(tmp, settings, provenance, None, 0, feature_size=size) as w:
                 read = []
-                for order, (s, (sha, x, names, digest)) in enumerate(zip(sources, _in_order(pool, _read, sources))):
+                for order, (s, (sha, x, names, digest, bad)) in enumerate(zip(sources, _read_all(pool, sources))):
                     if digests is not None and sha != digests[order]:
                         raise FeatureImportError(f"{s.path}: changed while it was imported; import again")
                     read.append([s.id, s.part, label[s.class_name], sha])
@@ -200,7 +216,6 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
                         raise FeatureImportError(f"{s.path}: {x.shape[1]}-d features, but {sources[0].path} has {size}-d: "
                                                  "the files come from different networks")
                     v = VideoResult(s.id, s.class_name, s.part, label[s.class_name], order, n_views=1, file_sha256=sha)
-                    bad = np.flatnonzero(~np.isfinite(x).all(1))
                     if len(bad):
                         v.status, v.reason = "failed", f"non-finite values in clip(s) {', '.join(map(str, bad[:5]))}"
                         if not drop_nonfinite:
@@ -251,7 +266,7 @@ def import_episodes(folder, cache, out, count: int | None = None, part: str = "t
     from tqdm import tqdm
 
     from .fewshot.episodes import save_sequences
-    from .fewshot.features import load, read_runs
+    from .fewshot.features import load
     from .store import FeatureStore
 
     folder = Path(folder)
@@ -259,12 +274,12 @@ def import_episodes(folder, cache, out, count: int | None = None, part: str = "t
         raise FeatureImportError(f"episode folder {folder} does not exist or is not a folder")
     nums = _episode_numbers(folder)[:count]
     with FeatureStore(cache) as st:
-        if not st.imported or "clips/name" not in st.f:
+        if not st.imported or "videos/clip_names" not in st.f:
             raise FeatureImportError(f"{cache}: not a cache imported with clip names (`pipeline import-features "
                                      "--layout temporal_matching`); saved episodes name clips by their frames")
         feats = load(st, part, "pooled")             # the part's clip vectors, in memory
-        starts = st.videos["first_row"][np.isin(st.videos["id"], feats.ids)]       # in the order of feats
-        names = read_runs(st.f["clips/name"], starts, feats.count)     # (part clips,) bytes, as feats.x
+        rows = np.flatnonzero(np.isin(st.videos["id"], feats.ids))                # in the order of feats
+        names = st.f["videos/clip_names"].asstr()[rows[0]:rows[-1] + 1][rows - rows[0]]
         content = st.f.attrs.get("content_digest", "")
     by_name: dict[str, list[int]] = {}
     for i, vid in enumerate(feats.ids):
@@ -279,8 +294,7 @@ def import_episodes(folder, cache, out, count: int | None = None, part: str = "t
             why = "is not among the cache's ok " + part + " videos" if not found else "names several videos"
             raise FeatureImportError(f"episode {i}: {what} video {video or '(empty line)'} {why} ({folder})")
         vid = found[0]
-        first = int(feats.first[vid, 0])
-        where = {name.decode(): k for k, name in enumerate(names[first:first + int(feats.count[vid])])}
+        where = {name: k for k, name in enumerate(names[vid].split("\n"))}
         try:
             pos = [where[c.split(",")[0].split("/", 1)[1]] for c in clips]
         except (KeyError, IndexError):

@@ -12,8 +12,6 @@ Layout (every name readable with plain h5py or `h5ls -r`):
   /clips/view            (n_rows,) int16   0 = center crop, >= 1 = seeded random crop (+ flip)
   /clips/clip            (n_rows,) int16   position of the clip in its video (temporal order)
   /clips/frame_indices   (n_rows, F) int32 decoded frame indices the clip was built from
-  /clips/name            (n_rows,) string, imported caches only: the clip's name in its source (the
-                         matching study's first frame name), which saved episodes refer to
   /videos/{id, class_name, part, status, reason}   strings, one per video ("Class/stem", ...)
   /videos/warning        string, "" or what was wrong with a video that was still used (a truncated file)
   /videos/file_sha256    string, sha256 of the video file the rows were computed from: what
@@ -21,6 +19,8 @@ Layout (every name readable with plain h5py or `h5ls -r`):
   /videos/digest         string, sha256 of the video's stored values (maps as stored, pooled, steps,
                          frame indices), independent of compression: `pipeline info --verify`
   /videos/{label, order, first_row, n_clips, n_views, n_frames}   integers
+  /videos/clip_names     string, imported caches only: the video's clips' names in its source (the
+                         matching study's first frame names), newline-separated: saved episodes name them
   attrs: settings (JSON of everything that determines the features), settings_hash, provenance
          (JSON: weights sha256, library versions, root, split, ...), content_digest (sha256 over
          every video's id, status and digest, in order), format_version (2; format 1 lacks /steps
@@ -144,7 +144,7 @@ class StoreWriter:
                                   chunks=(1, *map_shape), fletcher32=True, **COMPRESSION[settings["compression"]])
             _create_steps(self.f, 0, map_shape)
         else:
-            self.f.create_dataset("clips/name", (0,), STR, maxshape=(None,), chunks=True)
+            self.f.create_dataset("videos/clip_names", (0,), STR, maxshape=(None,), chunks=True)
         self.f.create_dataset("pooled", (0, size), np.float32, maxshape=(None, size), chunks=(256, size),
                               fletcher32=True)
         for name, dt, shape in (("video", np.int32, ()), ("view", np.int16, ()), ("clip", np.int16, ()),
@@ -193,7 +193,6 @@ class StoreWriter:
             pooled = v.pooled.astype(np.float32, copy=False)
             indices = np.tile(v.frame_indices, (v.n_views, 1)).astype(np.int32, copy=False)
             if not self.maps:
-                self._queue("clips/name", np.array(v.clip_names, dtype=object))
                 digest = v.digest or values_digest(pooled, indices)     # an importer's reading thread may give it
             else:
                 steps = (step_maps(v.maps) if v.steps is None else v.steps).astype(np.float16, copy=False)
@@ -214,6 +213,8 @@ class StoreWriter:
         for name in VIDEO_STR:
             value = digest if name == "digest" else getattr(v, name)
             self._queue(f"videos/{name}", np.array([value], dtype=object))
+        if not self.maps:               # one string a video: per-clip strings cost HDF5 a write each
+            self._queue("videos/clip_names", np.array(["\n".join(v.clip_names or [])], dtype=object))
         self._content.update(f"{v.id}\t{v.status}\t{digest}\n".encode())
         ints = dict(label=v.label, order=v.order, first_row=self.rows, n_clips=clips, n_views=v.n_views,
                     n_frames=v.n_frames)
