@@ -31,7 +31,7 @@ import numpy as np
 from .errors import ConfigError, PipelineError
 from .extraction.datasets import PARTS, load_split
 from .extraction.extractor import _cache_videos, check_duplicates, describe_change
-from .files import atomic_path, check_output, exclusive, sha256
+from .files import atomic_path, check_output, exclusive
 from .store import CacheMismatch, StoreWriter, VideoResult, check_settings, read_settings, values_digest
 
 LAYOUTS = ("temporal_matching", "files")
@@ -110,11 +110,12 @@ def read_vectors(path: Path, data: bytes, ndim: tuple = (1, 2)) -> np.ndarray:
     return np.atleast_2d(x).astype(np.float32, copy=False)
 
 
-def clip_names(path: Path | None, clips: int) -> list[str]:
-    """Each clip's first frame name (how saved episodes name a clip); "" without clip_names.txt."""
+def clip_names(path: Path | None, text: bytes, clips: int) -> list[str]:
+    """Each clip's first frame name (how saved episodes name a clip), from clip_names.txt's bytes;
+    "" for each clip without one."""
     if path is None:
         return [""] * clips
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.decode("utf-8").splitlines() if ln.strip()]
     if len(lines) != clips:
         raise FeatureImportError(f"{path}: {len(lines)} clip name lines for {clips} clip features")
     return [ln.split(",")[0] for ln in lines]
@@ -125,11 +126,21 @@ def _read(src: Source):
     per-file work, done in the reading processes."""
     try:
         data = src.path.read_bytes()
+        names = src.names.read_bytes() if src.names else b""
     except OSError as e:
-        raise FeatureImportError(f"{src.path}: cannot be read ({e.strerror or e})") from None
+        raise FeatureImportError(f"{e.filename}: cannot be read ({e.strerror or e})") from None
     x = read_vectors(src.path, data)
-    return (hashlib.sha256(data).hexdigest(), x, clip_names(src.names, len(x)),
+    return (_source_digest(data, names), x, clip_names(src.names, names, len(x)),
             values_digest(x, np.zeros((len(x), 0), np.int32)), np.flatnonzero(~np.isfinite(x).all(1)))
+
+
+def _source_digest(data: bytes, names: bytes) -> str:
+    """The sha256 of a video's feature file, or of the file and its clip_names.txt: what "up to date"
+    and the duplicate check compare, so a changed name file is a changed video too."""
+    h = hashlib.sha256(data)
+    if names:
+        h.update(b"\0clip_names.txt\0" + names)
+    return h.hexdigest()
 
 
 def _reader_init() -> None:
@@ -158,9 +169,9 @@ def _read_all(pool, sources: list, batch: int = 16, ahead: int = 8):
 
 def _digest(src: Source) -> str:
     try:
-        return sha256(src.path)
+        return _source_digest(src.path.read_bytes(), src.names.read_bytes() if src.names else b"")
     except OSError as e:
-        raise FeatureImportError(f"{src.path}: cannot be read ({e.strerror or e})") from None
+        raise FeatureImportError(f"{e.filename}: cannot be read ({e.strerror or e})") from None
 
 
 def import_features(root, out, layout: str, backbone: str, split=None, workers: int = 2, overwrite: bool = False,

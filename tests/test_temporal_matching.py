@@ -82,10 +82,14 @@ def test_reimport_is_up_to_date_and_a_changed_file_is_refused(release, tmp_path)
     assert cli(*args).returncode == 0
     r = cli(*args)
     assert r.returncode == 0 and "up to date" in r.stdout
+    names = next((rel / "features/ucf101/val").glob("*/*/clip_names.txt"))
+    names.write_text(names.read_text().replace(".jpg", ".png"))             # the clip names are the video's too
+    r = cli(*args)
+    assert r.returncode == 2 and "1 modified" in r.stderr and "--overwrite" in r.stderr
     f = next((rel / "features/ucf101/test").glob("*/*/video_features.pth"))
     torch.save(torch.zeros(3, 512), f)
     r = cli(*args)
-    assert r.returncode == 2 and "1 modified" in r.stderr and "--overwrite" in r.stderr
+    assert r.returncode == 2 and "2 modified" in r.stderr and "--overwrite" in r.stderr
     r = cli(*args[:-1], "other_backbone")
     assert r.returncode == 2 and "backbone" in r.stderr
 
