@@ -1,12 +1,15 @@
 """Import speed of per-video feature files (`pipeline import-features`), on stand-ins of the matching
 study's sizes: 512-d R(2+1)D vectors, one per 16-frame clip at every temporal position.
 
-    python bench/import.py [--videos 3000] [--workers 1 2]
+    python bench/import.py [--videos 3000] [--workers 1 2] [--eval diag chamfer ...] [--episodes 10000]
 
 Clip counts per video: SSv2 videos of about 45 frames (30 clips), UCF101 of about 7 s at 25 fps (170
 clips). Files are written with torch.save into a temporary folder and read back warm (from the page
 cache: the figure is the importer's own, not the disk's). Prints videos/s and MB/s per profile and
 worker count, and the memory that SSv2's train part takes in training, computed from its shapes.
+With --eval, the time to score `--episodes` saved 5-way episodes (1 query per class, as theirs) of
+fixed 8-clip sequences (`pipeline eval --episodes-file`) per head at its study defaults, on a
+UCF101-sized test part (2,745 videos of 30 clips), 1-shot and 5-shot.
 """
 from __future__ import annotations
 
@@ -39,11 +42,35 @@ def write(root: Path, videos: int, clips: int, rng) -> int:
     return total
 
 
+def eval_speed(heads: list[str], episodes: int) -> None:
+    from pipeline.fewshot import heads as registry
+    from pipeline.fewshot.evaluate import sequence_accuracies
+    from pipeline.fewshot.features import SplitFeatures
+    rng = np.random.default_rng(0)
+    videos, clips = 2745, 30
+    x = rng.normal(size=(videos, 1, clips, 512)).astype(np.float32)
+    feats = SplitFeatures.from_sequences(np.array([f"v{i}" for i in range(videos)]), np.zeros(videos, str), x)
+    torch.set_num_threads(2)
+    for name in heads:
+        head = registry.build(name, {"clips": 8}, 512).eval()
+        for k in (1, 5):
+            members = rng.integers(0, videos, size=(episodes, 5, k + 1))
+            positions = np.sort(rng.integers(0, clips, size=(episodes, 5, k + 1, 8)), axis=-1)
+            t = time.perf_counter()
+            sequence_accuracies(head, feats, members, positions, k)
+            print(f"  eval of {episodes:,} saved 5-way {k}-shot episodes, {name}: {time.perf_counter() - t:.1f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--videos", type=int, default=3000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--eval", nargs="*", default=[], help="heads whose scoring of saved episodes is timed")
+    ap.add_argument("--episodes", type=int, default=10000)
     a = ap.parse_args()
+    if a.eval:
+        eval_speed(a.eval, a.episodes)
+        return
     rng = np.random.default_rng(0)
     print(f"import of {a.videos} stand-in videos per profile (warm page cache), best of 2")
     for name, clips in PROFILES.items():

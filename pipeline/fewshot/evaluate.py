@@ -131,7 +131,7 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         raise ConfigError(f"--part must be test or val, got {part!r} (training classes are not a test)")
     paths = [run_checkpoints(t) for t in targets]
     cks = {p: checkpoint.load(p) for ps in paths for p in ps}
-    if k_shot is None:
+    if k_shot is None and not episodes_file:
         trained = {ck.train_config["k_shot"] for ck in cks.values()}
         if len(trained) > 1:
             raise ConfigError(f"the checkpoints were trained with K = {sorted(trained)}; pass --k-shot to score them "
@@ -145,7 +145,11 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         any_feats = next(iter(feats.values()))
         dropped = sorted({i for f in feats.values() for i in f.dropped})
         if episodes_file:
+            asked = k_shot
             eps, positions, n_way, k_shot, q_query, episodes, runs = _sequences(episodes_file, any_feats, part, runs)
+            if asked not in (None, k_shot):
+                raise ConfigError(f"--k-shot {asked}: {episodes_file} holds {k_shot}-shot episodes (N, K and Q are "
+                                  "the file's)")
             digest = sequences_digest(any_feats.ids, eps, positions)
         else:
             eps = fixed_episodes(Path(cache), any_feats.ids, any_feats.by_class(), part, n_way, k_shot, q_query,
