@@ -1,12 +1,17 @@
 """Stage-one benchmark: MFNet cost and throughput on this machine, end-to-end extraction on the demo.
 
     python bench/extract.py [--videos N] [--demo data/demo]
+    python bench/extract.py --null-backbone [--workers 1 2] [--videos N]
 
 Prints: MACs per clip, forward-only clips/s (fp32, channels-last, bf16) with achieved GFLOP/s, the
 machine's dense conv3d GFLOP/s, end-to-end `pipeline extract` clips/s on the whole demo (fp32 and
 bf16; `--videos N` for a subset) and its ratio to forward-only in the same run, the cosine
 similarity of bf16 vs fp32 pooled features, and (if cache/demo.h5 exists) the nearest-prototype
 accuracy of mean-pooled vs concatenated clip features of the random network on the demo test classes.
+
+--null-backbone: the pipeline's own ceiling, with no network: `extract` with a backbone that returns
+zeros of MFNet's output shape at once, beside decode only (the readers alone: no network, no
+store), for each worker count, and their ratio (the issue's target: >= 0.9).
 """
 from __future__ import annotations
 
@@ -72,13 +77,48 @@ def forward_rate(model, x, channels_last: bool, dtype, reps: int = 10) -> float:
     return rate(f, len(x), reps=reps)
 
 
+class NullModel(torch.nn.Module):
+    """MFNet's output shape at no cost: (B, 3, F, H, W) -> zeros (B, 768, F/2, ceil(H/32), ceil(W/32))."""
+
+    def forward_features(self, x, layer=None):
+        b, _, f, h, w = x.shape
+        return x.new_zeros(b, 768, f // 2, -(-h // 32), -(-w // 32))
+
+
+def null_backbone(entries, workers_list, batch: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.extraction.video import read_clips_or_reason, view_seed
+    s = ExtractSettings(precision="fp32")
+    backbone = Backbone(NullModel(), None, "random", 0)
+    for w in workers_list:
+        args = [(e.path, s.sampling, s.preprocess, s.views, view_seed(e.id, s.seed), s.flip) for e in entries]
+        t = time.perf_counter()
+        with ThreadPoolExecutor(max(1, w)) as pool:
+            clips = sum(vc.clips.shape[0] * vc.clips.shape[1] for vc, _ in pool.map(lambda a: read_clips_or_reason(*a), args)
+                        if vc is not None)
+        decode = clips / (time.perf_counter() - t)
+        tmp = Path(tempfile.mkdtemp())
+        r = extract_features(entries, tmp / "null.h5", s, backbone, batch_size=batch, workers=w, progress=False)
+        shutil.rmtree(tmp)
+        print(f"{w} worker(s): decode only {decode:.1f} clips/s; extract with the null backbone "
+              f"{r['clips_per_s']:.1f} clips/s = {r['clips_per_s'] / decode:.2f} x decode only")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--videos", type=int, default=0, help="demo videos extracted end to end (0: all)")
     ap.add_argument("--demo", default="data/demo")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, nargs="+", default=[2])
+    ap.add_argument("--null-backbone", action="store_true", help="the pipeline's ceiling beside decode only")
     a = ap.parse_args()
+    if a.null_backbone:
+        entries, _ = resolve(load_split(Path(a.demo) / "splits"), a.demo)
+        if a.videos:
+            entries = entries[:: max(1, len(entries) // a.videos)][: a.videos]
+        null_backbone(entries, a.workers, a.batch)
+        return
     torch.manual_seed(0)
     model = random_mfnet(0).eval()
     macs = macs_per_clip(model)
@@ -116,7 +156,7 @@ def main():
         # forward-only again right before, so that the ratio compares the same moment of a shared machine
         fwd = forward_rate(model, x, True, None if prec == "fp32" else torch.bfloat16)
         s = ExtractSettings(precision=prec)
-        r = extract_features(entries, tmp / f"{prec}.h5", s, Backbone.load(None, 0), batch_size=a.batch, workers=a.workers, channels_last=True,
+        r = extract_features(entries, tmp / f"{prec}.h5", s, Backbone.load(None, 0), batch_size=a.batch, workers=a.workers[0], channels_last=True,
                     progress=False)
         print(f"end-to-end extract, {len(entries)} demo videos, {prec}: {r['clips_per_s']:.1f} clips/s "
               f"({r['computed_clips']} clips in {r['seconds']:.1f} s) = {r['clips_per_s'] / fwd:.2f} x forward only "
