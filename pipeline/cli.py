@@ -49,8 +49,8 @@ def main():
         typer.echo("aborted", err=True)
         sys.exit(130)
     if code == 130:     # Ctrl-C: typer turns it into exit code 130
-        typer.echo("interrupted: the same command resumes (extract from its finished part files, train from "
-                   "last.pt)", err=True)
+        typer.echo("interrupted: run the same command again (extract resumes from its finished part files, train from "
+                   "last.pt; the others start over, nothing half-written is kept)", err=True)
     sys.exit(code if isinstance(code, int) else 0)
 
 
@@ -71,7 +71,7 @@ def demo_data(out: Path = typer.Option(Path("data/demo"), help="Folder to write 
 @app.command()
 def standins(out: Path = typer.Option(Path("data/tm_standins"), help="Folder to write features/ and episodes/ to."),
              dataset: str = typer.Option("ucf101", help="The dataset name their folders carry (ucf101 | kinetics | ssv2)."),
-             videos_per_class: int = typer.Option(12, min=7, help="Videos per class (5-shot episodes need 6)."),
+             videos_per_class: int = typer.Option(12, min=6, help="Videos per class (5-shot episodes with a query need 6)."),
              episodes: int = typer.Option(200, min=1, help="Saved test episodes per shot (theirs: 10,000)."),
              seed: int = typer.Option(0, help="Random seed of the features: same seed, same files.")):
     """Generate stand-ins for the matching study's release in its exact formats: per-video feature
@@ -200,8 +200,8 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
 def import_features_cmd(root: Path = typer.Option(..., help="Folder of per-video feature files (see --layout)."),
                         out: Path = typer.Option(..., help="Feature cache (.h5) to write."),
                         backbone: str = typer.Option(..., help="The network the features came from, as you name it (recorded, and part of the settings: caches of other backbones never mix), e.g. r2plus1d_34."),
-                        layout: str = typer.Option("temporal_matching", help="temporal_matching: ROOT/<part>/<class>/<video>/video_features.pth (+ clip_names.txt), the matching study's release | files: ROOT/<part>/<class>/<video>.npy|.pth, or ROOT/<class>/<video>.* with --split."),
-                        split: Optional[str] = typer.Option(None, help="files layout without part folders: a split folder or name (train/val/test_classes.txt)."),
+                        layout: str = typer.Option("temporal_matching", help="temporal_matching (their release: one folder a video) | files (one .npy/.pth a video); see docs/temporal-matching.md."),
+                        split: Optional[str] = typer.Option(None, help="files layout: a split (folder or name) saying which class is in which part; its *_videos.txt, if any, picks the videos."),
                         workers: int = typer.Option(2, min=1, help="Processes reading, checking and hashing files (about one per core)."),
                         drop_nonfinite: bool = typer.Option(False, "--drop-nonfinite", help="Record a video whose features hold a NaN or infinity as failed and go on, instead of stopping."),
                         allow_duplicates: bool = typer.Option(False, "--allow-duplicates", help="Go on when one file (same sha256) is in two parts; recorded in the cache."),
@@ -231,16 +231,20 @@ def import_episodes_cmd(folder: Path = typer.Argument(..., help="A folder of sav
                         cache: Path = typer.Option(..., help="The cache imported from the same release's features (`pipeline import-features`)."),
                         out: Path = typer.Option(..., help="Episode file (.npz) to write: give it to `pipeline eval --episodes-file`."),
                         count: Optional[int] = typer.Option(None, min=1, help="Import only the first COUNT episodes (default: all)."),
-                        part: str = typer.Option("test", help="The part the episodes were drawn from.")):
+                        part: str = typer.Option("test", help="The part the episodes were drawn from."),
+                        overwrite: bool = typer.Option(False, help="Replace an existing episode file.")):
     """Import another tool's saved test episodes (the matching study's format): every member found in
     the cache by its frame names and checked against its saved features, so `eval --episodes-file`
     scores exactly the sequences they scored."""
+    from .errors import ConfigError
     from .files import check_output, exclusive
     from .importing import import_episodes
     check_output(out, "episode file")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists: pass --overwrite to replace it, or choose another --out")
     with exclusive(out, "episode file"):
         r = import_episodes(folder, cache, out, count, part)
-    typer.echo(f"{out}: {r['count']} episodes, {r['n_way']}-way {r['k_shot']}-shot, {r['q_query']} queries per class, "
+    typer.echo(f"{out}: {r['count']} episodes, {r['n_way']}-way {r['k_shot']}-shot, {r['q_query']} quer{'y' if r['q_query'] == 1 else 'ies'} per class, "
                f"{r['clips']} clips per video, from {folder}")
 
 
@@ -290,7 +294,7 @@ def heads(head_file: Optional[Path] = typer.Option(None, help=HEAD_FILE_HELP)):
 
 @app.command()
 def train(ctx: typer.Context,
-          cache: Path = typer.Option(..., help="Feature cache written by `pipeline extract`."),
+          cache: Path = typer.Option(..., help="Feature cache written by `pipeline extract` or `pipeline import-features`."),
           out: Path = typer.Option(..., help="Run folder: best.pt, last.pt, curve.csv/json."),
           head: str = typer.Option("lstm", help="Head name (see `pipeline heads`)."),
           head_opt: List[str] = typer.Option([], "--head-opt", help="A head option as key=value (repeat; see `pipeline heads`), e.g. --head-opt hidden=256."),
@@ -338,7 +342,8 @@ def train(ctx: typer.Context,
                           seed, seeds, train_views, sampler, _seed_list(seed_list), features_dtype)
     for r in run_train(cache, out, cfg, log=typer.echo, device=device, drop_nonfinite=drop_nonfinite,
                        overwrite=overwrite):
-        trained = (f"after {r['episodes']} episodes ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s of it validating)"
+        trained = (f"at episode {r['best_episode']} of {r['episodes']} ({r['seconds']:.1f} s, {r['val_seconds']:.1f} s "
+                   "of it validating)"
                    if r["episodes"] else "(no parameters: scored on validation, not trained)")
         typer.echo(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% {trained}; checkpoint "
                    f"{r['folder']}/best.pt")
@@ -373,7 +378,7 @@ def run_entry(params: Path, run: str) -> dict:
 
 
 @app.command("eval")
-def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (every seed's best.pt) or checkpoint files; several: a comparison table."),
+def eval_cmd(click_ctx: typer.Context, checkpoints: List[Path] = typer.Argument(..., help="Run folders (every seed's best.pt) or checkpoint files; several: a comparison table."),
              cache: Path = typer.Option(..., help="Feature cache the heads were trained on."),
              metrics: Optional[Path] = typer.Option(None, help="Metrics JSON to write (one checkpoint) or a folder (several)."),
              n_way: int = typer.Option(5, min=2, help="N-way."),
@@ -408,6 +413,12 @@ def eval_cmd(checkpoints: List[Path] = typer.Argument(..., help="Run folders (ev
             raise ConfigError(f"--metrics {metrics}: two targets share the name {names}; evaluate them separately")
         for c in checkpoints:
             check_writable(metrics_file(c), c, overwrite)
+    if episodes_file:
+        given = [n for n in ("n_way", "q_query", "episodes", "seed")
+                 if click_ctx.get_parameter_source(n).name == "COMMANDLINE"]
+        if given:
+            raise ConfigError(f"--episodes-file {episodes_file} fixes N, Q, the episodes and their draw; do not also "
+                              "give " + ", ".join("--" + g.replace("_", "-") for g in given))
     results, accs = evaluate([str(c) for c in checkpoints], cache, n_way, k_shot, q_query, episodes, runs, seed, part,
                             device, drop_nonfinite, episodes_file)
     typer.echo(table(results))

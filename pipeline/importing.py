@@ -81,9 +81,18 @@ def scan_sources(root, layout: str, split=None) -> list[Source]:
                     sources.append(Source(f"{c}/{v.name}", c, part, v / "video_features.pth",
                                           names if names.is_file() else None))
                 elif layout == "files" and v.is_file() and v.suffix in SUFFIXES:
+                    if sources and sources[-1].id == f"{c}/{v.stem}":
+                        raise FeatureImportError(f"{sources[-1].path} and {v}: two files of one video; keep one")
                     sources.append(Source(f"{c}/{v.stem}", c, part, v))
     if not sources:
         raise FeatureImportError(f"{root}: no feature files in the {layout} layout")
+    listed = s.videos if split is not None else None      # the split's *_videos.txt: only those videos
+    if listed:
+        wanted = {v for ids in listed.values() for v in ids}
+        absent = sorted(wanted - {x.id for x in sources})
+        if absent:
+            raise FeatureImportError(f"{root}: {len(absent)} video(s) listed by the split have no file (e.g. {absent[0]})")
+        sources = [x for x in sources if x.id in wanted]
     return sources
 
 
@@ -254,6 +263,10 @@ def _episode_numbers(folder: Path) -> list[int]:
                   if p.stem.rsplit("_", 1)[1].isdigit())
     if not nums:
         raise FeatureImportError(f"{folder}: no saved episodes (support_set_<i>.pth ...)")
+    gaps = sorted(set(range(1, nums[-1] + 1)) - set(nums))
+    if nums[0] != 1 or gaps:
+        raise FeatureImportError(f"{folder}: saved episodes are numbered from 1 without gaps; episode "
+                                 f"{gaps[0] if gaps else 1} is missing (an incomplete download?)")
     return nums
 
 
@@ -283,7 +296,10 @@ def import_episodes(folder, cache, out, count: int | None = None, part: str = "t
     folder = Path(folder)
     if not folder.is_dir():
         raise FeatureImportError(f"episode folder {folder} does not exist or is not a folder")
-    nums = _episode_numbers(folder)[:count]
+    nums = _episode_numbers(folder)
+    if count is not None and count > len(nums):
+        raise FeatureImportError(f"{folder}: --count {count}, but it holds {len(nums)} saved episodes")
+    nums = nums[:count]
     with FeatureStore(cache) as st:
         if not st.imported or "videos/clip_names" not in st.f:
             raise FeatureImportError(f"{cache}: not a cache imported with clip names (`pipeline import-features "
@@ -305,6 +321,9 @@ def import_episodes(folder, cache, out, count: int | None = None, part: str = "t
             why = "is not among the cache's ok " + part + " videos" if not found else "names several videos"
             raise FeatureImportError(f"episode {i}: {what} video {video or '(empty line)'} {why} ({folder})")
         vid = found[0]
+        if not names[vid].replace("\n", ""):
+            raise FeatureImportError(f"episode {i}: {what} video {feats.ids[vid]} was imported without clip names (no "
+                                     "clip_names.txt in its folder): saved episodes name clips by them")
         where = {name: k for k, name in enumerate(names[vid].split("\n"))}
         try:
             pos = [where[c.split(",")[0].split("/", 1)[1]] for c in clips]

@@ -245,7 +245,7 @@ class FeatureStore:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise MissingFile(f"feature cache {self.path} does not exist (run `pipeline extract`)")
+            raise MissingFile(f"feature cache {self.path} does not exist (run `pipeline extract`, or `pipeline import-features`)")
         try:
             self.f = h5py.File(self.path, "r")
         except OSError as e:

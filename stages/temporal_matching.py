@@ -44,7 +44,8 @@ def train(params: Path, head: str, shot: int) -> None:
     cfg = TrainConfig.from_mapping(dict(p["training"], **preset["heads"][head], k_shot=shot),
                                    f"{params}: training + {PRESET}: heads.{head}")
     for r in run_train(p["cache"], Path(p["out"]) / "runs" / run_name(head, shot), cfg, overwrite=True):
-        print(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% after {r['episodes']} episodes")
+        print(f"{r['folder']}: best validation accuracy {100 * r['best_val']:.2f}% at episode {r['best_episode']} of "
+              f"{r['episodes']}")
 
 
 def side_by_side(p: dict, preset: dict, metrics: Path) -> str:

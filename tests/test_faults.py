@@ -188,7 +188,7 @@ def test_the_one_write_path_turns_refusals_into_one_line(tmp_path, monkeypatch):
     from pipeline.errors import MachineFault, explain_os_error
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 1000, 1000))
-    with pytest.raises(MachineFault, match=r"needs about 0.00 GB and 0.00 GB are free"):
+    with pytest.raises(MachineFault, match=r"needs about 1.0 MB and 1.0 KB are free"):
         files.check_output(tmp_path / "x.h5", "feature cache", need_bytes=10 ** 6)
     files.check_output(tmp_path / "x.h5", "feature cache", need_bytes=500)
     monkeypatch.setattr(files.os, "access", lambda p, mode: False)

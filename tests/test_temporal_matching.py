@@ -182,6 +182,8 @@ def test_a_bad_feature_file_is_one_line_naming_it(release, tmp_path, damage, mes
     ("features", "episode 3: the saved features of support video"),
     ("labels", "episode 3: label 0 holds videos of classes"),
     ("missing", "target_labels_3.pth: missing (episode 3 is incomplete)"),
+    ("gap", "numbered from 1 without gaps; episode 3 is missing"),
+    ("names", "was imported without clip names (no clip_names.txt in its folder)"),
 ])
 def test_a_bad_saved_episode_is_one_line_naming_it(release, tmp_path, damage, message):
     rel = fresh(release, tmp_path)
@@ -197,9 +199,19 @@ def test_a_bad_saved_episode_is_one_line_naming_it(release, tmp_path, damage, me
     elif damage == "labels":
         y = torch.load(ep / "support_labels_3.pth")
         torch.save(torch.roll(y, 1), ep / "support_labels_3.pth")
-    else:
+    elif damage == "missing":
         (ep / "target_labels_3.pth").unlink()
-    r = cli("import-episodes", str(ep), "--cache", str(release / "c.h5"), "--out", str(tmp_path / "e.npz"))
+    elif damage == "gap":
+        for f in ep.glob("*_3.*"):
+            f.unlink()
+    cache = release / "c.h5"
+    if damage == "names":                        # a video folder without clip_names.txt, then an episode naming it
+        video = (ep / "support_frame_names_1.txt").read_text().split("/")[0]
+        next((rel / "features/ucf101/test").glob(f"*/{video}/clip_names.txt")).unlink()
+        import_features(rel / "features/ucf101", tmp_path / "c.h5", "temporal_matching", "r21d", progress=False)
+        folder = next((rel / "features/ucf101/test").glob(f"*/{video}"))
+        cache, message = tmp_path / "c.h5", f"episode 1: support video {folder.parent.name}/{video} {message}"
+    r = cli("import-episodes", str(ep), "--cache", str(cache), "--out", str(tmp_path / "e.npz"))
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not list(tmp_path.glob("e.npz*"))
 
@@ -227,6 +239,16 @@ def test_the_files_layout_with_a_split_and_heads_that_need_maps_are_told(tmp_pat
     r = cli("train", "--cache", str(tmp_path / "c.h5"), "--out", str(tmp_path / "r2"), "--head", "otam",
             "--head-opt", "per_step=true", "--n-way", "2")
     assert r.returncode == 2 and "no per-time-step view" in r.stderr
+    (split / "test_videos.txt").write_text("e/e0\ne/e3\n")              # a split's video lists pick the videos
+    for part, cs in (("train", "abc"), ("val", "d")):
+        (split / f"{part}_videos.txt").write_text("".join(f"{c}/{c}{i}\n" for c in cs for i in range(4)))
+    import_features(tmp_path / "feats", tmp_path / "l.h5", "files", "mine", split=split, progress=False)
+    with FeatureStore(tmp_path / "l.h5") as st:
+        assert list(st.videos["id"][st.videos["part"] == "test"]) == ["e/e0", "e/e3"]
+    np.save(tmp_path / "feats/a/a0.npy", np.zeros((2, 64), np.float32))    # beside a0.pth: one video, two files
+    with pytest.raises(FeatureImportError, match="a0.npy and .*a0.pth: two files of one video"):
+        import_features(tmp_path / "feats", tmp_path / "d.h5", "files", "mine", split=split, progress=False)
+    (tmp_path / "feats/a/a0.npy").unlink()
     with pytest.raises(FeatureImportError, match="no folder for 1 class"):
         shutil.rmtree(tmp_path / "feats" / "e")
         import_features(tmp_path / "feats", tmp_path / "d.h5", "files", "mine", split=split, progress=False)
@@ -243,3 +265,28 @@ def test_pooled_clips_held_in_float16_take_half_the_memory_and_train(release, tm
                                                             val_episodes=5, val_query=1, features_dtype="float16"),
               progress=False)
     assert r[0]["episodes"] == 10
+
+
+def test_an_episode_file_is_used_only_as_it_was_imported(release, tmp_path):
+    from pipeline.fewshot.evaluate import evaluate
+    from pipeline.fewshot.train import TrainConfig, train
+    ep = release / "rel/episodes/ucf101/ucf101_w5_s1"
+    r = cli("import-episodes", str(ep), "--cache", str(release / "c.h5"), "--out", str(tmp_path / "e.npz"),
+            "--count", "50")
+    assert r.returncode == 2 and "--count 50, but it holds 20 saved episodes" in r.stderr
+    assert cli("import-episodes", str(ep), "--cache", str(release / "c.h5"), "--out", str(tmp_path / "e.npz"),
+               "--count", "12").returncode == 0
+    r = cli("import-episodes", str(ep), "--cache", str(release / "c.h5"), "--out", str(tmp_path / "e.npz"))
+    assert r.returncode == 2 and "exists: pass --overwrite" in r.stderr
+    train(release / "c.h5", tmp_path / "run", TrainConfig(head="mean", n_way=5, val_query=1), progress=False)
+    with pytest.raises(Exception, match="--runs 5 does not divide the 12 episodes"):
+        evaluate([tmp_path / "run"], release / "c.h5", runs=5, episodes_file=tmp_path / "e.npz")
+    r = cli("eval", str(tmp_path / "run"), "--cache", str(release / "c.h5"), "--episodes-file", str(tmp_path / "e.npz"),
+            "--q-query", "3")
+    assert r.returncode == 2 and "do not also give --q-query" in r.stderr
+    other = fresh(release, tmp_path)                     # the same videos with one file changed: other contents
+    f = sorted((other / "features/ucf101/train").glob("*/*/video_features.pth"))[0]
+    torch.save(torch.load(f) + 1, f)
+    import_features(other / "features/ucf101", tmp_path / "c2.h5", "temporal_matching", "r2plus1d_34", progress=False)
+    with pytest.raises(Exception, match="imported against a cache of other contents"):
+        evaluate([tmp_path / "run"], tmp_path / "c2.h5", runs=1, episodes_file=tmp_path / "e.npz")

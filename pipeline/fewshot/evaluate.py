@@ -146,7 +146,8 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
         dropped = sorted({i for f in feats.values() for i in f.dropped})
         if episodes_file:
             asked = k_shot
-            eps, positions, n_way, k_shot, q_query, episodes, runs = _sequences(episodes_file, any_feats, part, runs)
+            eps, positions, n_way, k_shot, q_query, episodes, runs = _sequences(
+                episodes_file, any_feats, part, runs, store.f.attrs.get("content_digest", ""))
             if asked not in (None, k_shot):
                 raise ConfigError(f"--k-shot {asked}: {episodes_file} holds {k_shot}-shot episodes (N, K and Q are "
                                   "the file's)")
@@ -190,10 +191,13 @@ def evaluate(targets, cache, n_way=5, k_shot=None, q_query=15, episodes=600, run
     return results, accs
 
 
-def _sequences(path, feats: SplitFeatures, part: str, runs: int):
-    """An imported episode file for `feats`: (episodes as indices into feats, positions, N, K, Q,
-    episodes per run, runs)."""
+def _sequences(path, feats: SplitFeatures, part: str, runs: int, content: str):
+    """An imported episode file for `feats` of a cache whose content digest is `content`: (episodes
+    as indices into feats, positions, N, K, Q, episodes per run, runs)."""
     ids, eps, positions, meta = load_sequences(path)
+    if meta.get("cache_content") != content:
+        raise ConfigError(f"{path} was imported against a cache of other contents (its features were checked "
+                          "against those, not these): import the episodes again for this cache")
     if meta.get("part") != part:
         raise ConfigError(f"{path} holds {meta.get('part')} episodes; evaluate with --part {meta.get('part')}")
     index = {v: i for i, v in enumerate(feats.ids)}
@@ -209,7 +213,8 @@ def _sequences(path, feats: SplitFeatures, part: str, runs: int):
                           "another cache")
     members = np.array([index[v] for v in ids])[eps]
     count = len(eps)
-    runs = runs if count % runs == 0 else 1
+    if count % runs:
+        raise ConfigError(f"--runs {runs} does not divide the {count} episodes of {path}")
     return members, positions, int(meta["n_way"]), int(meta["k_shot"]), int(meta["q_query"]), count // runs, runs
 
 

@@ -259,7 +259,7 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
         save("best.pt", 0, acc)
         save("last.pt", 0, acc, dict(curve=[]))
         _write_curve(out_dir, [dict(episode=0, loss=float("nan"), val_accuracy=acc)])
-        return dict(best_val=acc, episodes=0, seconds=0.0, val_seconds=0.0)
+        return dict(best_val=acc, best_episode=0, episodes=0, seconds=0.0, val_seconds=0.0)
     # fused: one kernel over all parameters; the optimizer step is a fifth of a small head's episode
     optim = (torch.optim.Adam(params, lr=lr, fused=True) if opt_name == "adam"
              else torch.optim.SGD(params, lr=lr, momentum=0.9 if opt_name == "sgd" else 0.0, fused=True))
@@ -318,7 +318,8 @@ def _train(cache, out_dir: Path, config: TrainConfig, val_seed: int, progress: b
             val_seconds += time.perf_counter() - tv
     bar.close()
     seconds = time.perf_counter() - t0
-    return dict(best_val=best, episodes=total, seconds=seconds, val_seconds=val_seconds,
+    best_at = next((c["episode"] for c in curve if c["val_accuracy"] == best), total)   # the first to reach it
+    return dict(best_val=best, best_episode=best_at, episodes=total, seconds=seconds, val_seconds=val_seconds,
                 episodes_per_s=(total - start) / seconds if seconds > 0 else math.inf)
 
 
