@@ -5,7 +5,7 @@ Layout (every name readable with plain h5py or `h5ls -r`):
   /features              (n_rows, 768, 8, 4, 4) float16|float32, one row per chunk, optional lzf/gzip
   /pooled                (n_rows, 768) float32, spatio-temporal mean of each row's map
                          (these three carry fletcher32 checksums: a damaged chunk is an error when
-                         read, not a number; /features only since 2026-12: older caches read as they are)
+                         read, not a number; /features only since 2026-12-07: older caches read as they are)
   /steps                 (n_rows, 8, 768) float16, each row's map pooled over space only: one vector
                          per temporal position (12 KB a clip; format 2, `pipeline upgrade` adds it)
   /clips/video           (n_rows,) int32   index into /videos of the row's video

@@ -31,7 +31,7 @@ def describe_cache(path: Path) -> str:
         else:
             feats = s.f["features"]
             what = (f"features {feats.shape[1:]} {feats.dtype}, compression {feats.compression or 'none'}, "
-                    + ("checksummed" if feats.fletcher32 else "no checksums on the maps (written before 2026-12)")
+                    + ("checksummed" if feats.fletcher32 else "no checksums on the maps (written before 2026-12-07)")
                     + f"; format {s.version}, " + ("per-step view " + str(s.f["steps"].shape[1:]) if "steps" in s.f
                                                   else f"no per-step view (`pipeline upgrade {path}` adds it)"))
         lines = [f"cache {path}: {path.stat().st_size / 1e6:.1f} MB, {len(s)} videos, {pooled.shape[0]} clip rows", what,
