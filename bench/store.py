@@ -62,7 +62,7 @@ def main() -> None:
     a = ap.parse_args()
     maps = sample_maps(a.cache, a.rows)
     filters = {}
-    for comp in ("none", "lzf"):
+    for comp in ("none", "lzf", "blosc-lz4"):
         filters[comp] = COMPRESSION[comp]
         filters[f"{comp}+fletcher32"] = dict(COMPRESSION[comp], fletcher32=True)
     best: dict[str, list] = {}

@@ -134,7 +134,7 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             flip: bool = typer.Option(True, help="Random horizontal flip in views >= 1."),
             layer: str = typer.Option("tail", help="tail (after the final BN+ReLU) | conv5."),
             dtype: str = typer.Option("float16", help="Stored map dtype: float16 | float32."),
-            compression: str = typer.Option("lzf", help="none | lzf | gzip (with shuffle)."),
+            compression: str = typer.Option("lzf", help="The maps: none | lzf | gzip (with shuffle) | blosc-lz4 (5x faster to write than lzf, 9% larger; docs/cache.md)."),
             precision: str = typer.Option("fp32", help="Compute precision: fp32 | bf16 | fp16 (autocast; stored dtype unchanged)."),
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
             batch_size: int = typer.Option(8, min=1, help="Clips per forward batch (batches span videos)."),

@@ -213,3 +213,20 @@ def test_the_size_estimate_of_a_cache_is_its_stored_values(data, tmp_path):
     with h5py.File(tmp_path / "c.h5") as f:
         stored = sum(f[n].size * f[n].dtype.itemsize for n in ("features", "pooled", "steps"))
     assert estimated_bytes(settings, len(entries)) == stored      # every video ok: the estimate is exact
+
+
+@pytest.mark.filterwarnings("ignore:no --weights")
+def test_blosc_stores_the_same_values_as_lzf_and_merges(data, tmp_path):
+    from dataclasses import replace
+    root, split = data
+    entries, _ = resolve(load_split(split), root)
+    for comp in ("lzf", "blosc-lz4"):
+        extract_features(entries, tmp_path / f"{comp}.h5", replace(SETTINGS, compression=comp), Backbone.load(None, 0),
+                         batch_size=3, workers=0, progress=False, part_size=5)     # three parts, merged
+    with FeatureStore(tmp_path / "lzf.h5") as a, FeatureStore(tmp_path / "blosc-lz4.h5") as b:
+        assert b.settings["compression"] == "blosc-lz4" and b.f["features"].fletcher32
+        assert list(a.videos["digest"]) == list(b.videos["digest"])           # the same stored values
+        assert np.array_equal(a.f["features"][:], b.f["features"][:])
+    assert verify(tmp_path / "blosc-lz4.h5", progress=False)[1] == []
+    r = cli("info", str(tmp_path / "blosc-lz4.h5"))
+    assert r.returncode == 0 and "compression blosc" in r.stdout

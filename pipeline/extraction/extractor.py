@@ -26,7 +26,8 @@ import torch
 
 from ..errors import ConfigError
 from ..files import atomic_path, atomic_write_text, check_output, exclusive, sha256
-from ..store import CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps, read_settings
+from ..store import (SIZE_RATIO, CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps,
+                     read_settings)
 from ..device import NATIVE_HALF, pick_device, slow_half_precision
 from .backbone import Backbone, BatchForward
 from .datasets import VideoEntry
@@ -57,13 +58,13 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 def estimated_bytes(settings: ExtractSettings, videos: int) -> int:
     """A lower estimate of a cache's size: segment clips' maps (MFNet: 768 x F/2 x ceil(crop/32)^2) in
-    the stored dtype, lzf / gzip at the demo's measured ratio (1.57), plus the pooled and per-step
+    the stored dtype, compressed at the demo's measured ratio (store.SIZE_RATIO), plus the pooled and per-step
     views; 0 for dense sampling, whose clip count depends on the videos' lengths."""
     if settings.sampling.mode != "segments":
         return 0
     t, hw = settings.sampling.frames // 2, -(-settings.preprocess.crop // 32)      # stride-2 stages round up
     maps = 768 * t * hw * hw * (2 if settings.dtype == "float16" else 4)
-    maps = maps / 1.57 if settings.compression != "none" else maps
+    maps = maps / SIZE_RATIO[settings.compression]
     return int(videos * settings.sampling.clips * settings.views * (maps + 768 * 4 + t * 768 * 2))
 
 

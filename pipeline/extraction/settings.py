@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError
+from ..store import COMPRESSION
 from .video import Preprocess, Sampling
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -30,8 +31,8 @@ class ExtractSettings:
             raise ConfigError(f"views must be >= 1, got {self.views}")
         if self.dtype not in ("float16", "float32"):
             raise ConfigError(f"dtype must be float16 or float32, got {self.dtype!r}")
-        if self.compression not in ("none", "lzf", "gzip"):
-            raise ConfigError(f"compression must be none, lzf or gzip, got {self.compression!r}")
+        if self.compression not in COMPRESSION:
+            raise ConfigError(f"compression must be one of {', '.join(COMPRESSION)}, got {self.compression!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 

@@ -30,7 +30,8 @@ def describe_cache(path: Path) -> str:
                     f"no per-step view; format {s.version}")
         else:
             feats = s.f["features"]
-            what = (f"features {feats.shape[1:]} {feats.dtype}, compression {feats.compression or 'none'}, "
+            comp = s.settings.get("compression", feats.compression or "none")       # the recorded filter's name
+            what = (f"features {feats.shape[1:]} {feats.dtype}, compression {comp}, "
                     + ("checksummed" if feats.fletcher32 else "no checksums on the maps (written before 2026-12-07)")
                     + f"; format {s.version}, " + ("per-step view " + str(s.f["steps"].shape[1:]) if "steps" in s.f
                                                   else f"no per-step view (`pipeline upgrade {path}` adds it)"))
