@@ -85,11 +85,11 @@ class NullModel(torch.nn.Module):
         return x.new_zeros(b, 768, f // 2, -(-h // 32), -(-w // 32))
 
 
-def null_backbone(entries, workers_list, batch: int) -> None:
+def null_backbone(entries, workers_list, batch: int, compression: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     from pipeline.extraction.video import read_clips_or_reason, view_seed
-    s = ExtractSettings(precision="fp32")
+    s = ExtractSettings(precision="fp32", compression=compression)
     backbone = Backbone(NullModel(), None, "random", 0)
     for w in workers_list:
         args = [(e.path, s.sampling, s.preprocess, s.views, view_seed(e.id, s.seed), s.flip) for e in entries]
@@ -101,7 +101,7 @@ def null_backbone(entries, workers_list, batch: int) -> None:
         tmp = Path(tempfile.mkdtemp())
         r = extract_features(entries, tmp / "null.h5", s, backbone, batch_size=batch, workers=w, progress=False)
         shutil.rmtree(tmp)
-        print(f"{w} worker(s): decode only {decode:.1f} clips/s; extract with the null backbone "
+        print(f"{w} worker(s): decode only {decode:.1f} clips/s; extract ({compression}) with the null backbone "
               f"{r['clips_per_s']:.1f} clips/s = {r['clips_per_s'] / decode:.2f} x decode only")
 
 
@@ -112,12 +112,14 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--workers", type=int, nargs="+", default=[2])
     ap.add_argument("--null-backbone", action="store_true", help="the pipeline's ceiling beside decode only")
+    ap.add_argument("--compression", nargs="+", default=["lzf", "blosc-lz4"], help="with --null-backbone")
     a = ap.parse_args()
     if a.null_backbone:
         entries, _ = resolve(load_split(Path(a.demo) / "splits"), a.demo)
         if a.videos:
             entries = entries[:: max(1, len(entries) // a.videos)][: a.videos]
-        null_backbone(entries, a.workers, a.batch)
+        for comp in a.compression:
+            null_backbone(entries, a.workers, a.batch, comp)
         return
     torch.manual_seed(0)
     model = random_mfnet(0).eval()

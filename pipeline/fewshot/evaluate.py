@@ -33,6 +33,7 @@ def encode_all(head, x: torch.Tensor) -> torch.Tensor:
 
 
 GATHER_BUDGET = 2 ** 28        # bytes of encodings gathered per scoring call
+ENCODINGS_BUDGET = 2 ** 30     # bytes of encodings held per block of imported episodes
 
 
 @torch.no_grad()
@@ -65,10 +66,14 @@ def sequence_accuracies(head, feats: SplitFeatures, members: np.ndarray, positio
     """(E,) accuracy of episodes whose members are fixed clip sequences (imported saved episodes):
     `members` (E, N, K+Q) video indices into `feats`, `positions` (E, N, K+Q, T) their clips. Each
     member is encoded as it occurs (a video sampled at other clips is another sequence), `block`
-    episodes at a time."""
+    episodes at a time, fewer when their encodings would pass ENCODINGS_BUDGET (TRX keeps its tuples'
+    keys and values: 1,000 5-shot episodes would hold 30,000 of them)."""
     if head.clips not in (None, positions.shape[-1]):
         raise ConfigError(f"the episodes hold sequences of {positions.shape[-1]} clips; this head reads "
                           f"{head.clips} (--head-opt clips={positions.shape[-1]} when training)")
+    one = encode_all(head, torch.from_numpy(feats.x[feats.first[members[:1, 0, 0], 0][:, None] + positions[0, 0, :1]])
+                     .float().to(device))                                          # one member's encoding
+    block = max(1, min(block, ENCODINGS_BUDGET // (members[0].size * one.numel() * one.element_size())))
     acc = []
     for s in range(0, len(members), block):
         m, p = members[s:s + block], positions[s:s + block]
