@@ -52,13 +52,15 @@ def side_by_side(p: dict, preset: dict, metrics: Path) -> str:
     """Their table beside ours: per cell both numbers (mean +- std over seeds), the difference, and
     whether it lies within both std's plus our episode interval."""
     theirs = preset["published"][p["dataset"]]
+    found = [json.loads(f.read_text()) for f in sorted(metrics.glob("*.json"))]
+    counts = sorted({m["episodes"] * m["runs"] for m in found})
     lines = [f"# The matching study on {p['dataset']}: theirs beside ours", "",
              f"Theirs: {preset['published']['source']}.",
              f"Ours: this toolkit on the cache {p['cache']} (backbone {p['backbone']}), the same heads trained with "
-             f"seeds {', '.join(map(str, p['training'].get('seed_list', [])))}, scored on the first "
-             f"{p['episode_count']} of their saved episodes per shot; mean +- std over seeds (ddof 0, as theirs) and "
-             "the 95% interval of our episodes. 'within' when |ours - theirs| <= their std + our std + our "
-             "episode interval: a difference that the seeds and the episodes can explain.", "",
+             f"seeds {', '.join(map(str, p['training'].get('seed_list', [])))}, scored on "
+             f"{' or '.join(f'{c:,}' for c in counts) or 'none'} of their saved episodes per shot; mean +- std over "
+             "seeds (ddof 0, as theirs) and the 95% interval of our episodes. 'within' when |ours - theirs| <= their "
+             "std + our std + our episode interval: a difference that the seeds and the episodes can explain.", "",
              "| head | shots | theirs | ours | ours - theirs | within |", "|---|---|---|---|---|---|"]
     for head in p["heads"]:
         for shot in p["shots"]:

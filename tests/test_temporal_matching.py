@@ -136,14 +136,14 @@ def test_the_pipeline_cli_end_to_end_and_the_report_beside_theirs(release, tmp_p
     m = json.loads((out / "metrics/max_1shot.json").read_text())
     assert m["seeds"] == 3 and m["episodes"] == 10 and m["episodes_file"].endswith("w5s1.npz")
     preset = yaml.safe_load(open("configs/temporal_matching.yaml"))
-    p = dict(dataset="ucf101", cache="c.h5", backbone="r2plus1d_34", episode_count=10, heads=["max", "chamfer"],
+    p = dict(dataset="ucf101", cache="c.h5", backbone="r2plus1d_34", heads=["max", "chamfer"],
              shots=[1], training=dict(seed_list=[1, 5, 10]))
     text = side_by_side(p, preset, out / "metrics")
     seeds = np.array(m["seed_means"]) * 100
     row = next(ln for ln in text.splitlines() if ln.startswith("| max | 1 |"))
     assert f"| 97.9 ± 0.1 | {seeds.mean():.1f} ± {seeds.std():.1f}" in row           # theirs from the preset
     assert f"{seeds.mean() - 97.9:+.1f}" in row
-    assert "| chamfer | 1 | 97.7 ± 0.0 | (not run) |" in text
+    assert "| chamfer | 1 | 97.7 ± 0.0 | (not run) |" in text and "scored on 10 of their saved episodes" in text
 
 
 @pytest.mark.parametrize("damage,message", [
