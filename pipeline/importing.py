@@ -58,6 +58,7 @@ def scan_sources(root, layout: str, split=None) -> list[Source]:
         raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if not root.is_dir():
         raise FeatureImportError(f"feature root {root} does not exist or is not a folder")
+    listed = None                   # a split's *_videos.txt: only those videos
     if split is None:
         parts = {p: root / p for p in PARTS if (root / p).is_dir()}
         if not parts:
@@ -68,7 +69,7 @@ def scan_sources(root, layout: str, split=None) -> list[Source]:
         if layout == "temporal_matching":
             raise ConfigError("--split is for the files layout; temporal_matching keeps one folder per part")
         s = load_split(split)
-        parts, classes = {p: root for p in PARTS}, s.classes
+        parts, classes, listed = {p: root for p in PARTS}, s.classes, s.videos
         absent = [c for p in PARTS for c in classes[p] if not (root / c).is_dir()]
         if absent:
             raise FeatureImportError(f"{root}: no folder for {len(absent)} class(es) of the split (e.g. {absent[0]})")
@@ -86,7 +87,6 @@ def scan_sources(root, layout: str, split=None) -> list[Source]:
                     sources.append(Source(f"{c}/{v.stem}", c, part, v))
     if not sources:
         raise FeatureImportError(f"{root}: no feature files in the {layout} layout")
-    listed = s.videos if split is not None else None      # the split's *_videos.txt: only those videos
     if listed:
         wanted = {v for ids in listed.values() for v in ids}
         absent = sorted(wanted - {x.id for x in sources})
@@ -221,7 +221,6 @@ def import_features(root, out, layout: str, backbone: str, split=None, workers: 
                     fix = "use --overwrite to replace it or choose another --out"
                     check_settings(have, settings, out, fix)
                     raise CacheMismatch(f"{out} was imported with the same settings from other files ({change}); {fix}")
-                check_duplicates(videos, allow_duplicates)
             provenance = dict(root=str(Path(root).resolve()), layout=layout, backbone=backbone,
                               split=str(split) if split else "", numpy=np.__version__, python=platform.python_version())
             failed, clips = [], 0

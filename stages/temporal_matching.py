@@ -52,8 +52,8 @@ def side_by_side(p: dict, preset: dict, metrics: Path) -> str:
     """Their table beside ours: per cell both numbers (mean +- std over seeds), the difference, and
     whether it lies within both std's plus our episode interval."""
     theirs = preset["published"][p["dataset"]]
-    found = [json.loads(f.read_text()) for f in sorted(metrics.glob("*.json"))]
-    counts = sorted({m["episodes"] * m["runs"] for m in found})
+    found = {f.stem: json.loads(f.read_text()) for f in sorted(metrics.glob("*.json"))}    # run name -> metrics
+    counts = sorted({m["episodes"] * m["runs"] for m in found.values()})
     lines = [f"# The matching study on {p['dataset']}: theirs beside ours", "",
              f"Theirs: {preset['published']['source']}.",
              f"Ours: this toolkit on the cache {p['cache']} (backbone {p['backbone']}), the same heads trained with "
@@ -65,12 +65,11 @@ def side_by_side(p: dict, preset: dict, metrics: Path) -> str:
     for head in p["heads"]:
         for shot in p["shots"]:
             pub = theirs.get(head, {}).get(shot)
-            f = metrics / f"{run_name(head, shot)}.json"
-            if not f.exists():
+            m = found.get(run_name(head, shot))
+            if m is None:
                 lines.append(f"| {head} | {shot} | {pub[0]:.1f} ± {pub[1]:.1f} | (not run) | | |" if pub else
                              f"| {head} | {shot} | (not published) | (not run) | | |")
                 continue
-            m = json.loads(f.read_text())
             seeds = [100 * s for s in m["seed_means"]]
             mean = sum(seeds) / len(seeds)
             std = math.sqrt(sum((s - mean) ** 2 for s in seeds) / len(seeds))
