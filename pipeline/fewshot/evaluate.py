@@ -212,11 +212,10 @@ def _sequences(path, feats: SplitFeatures, part: str, runs: int, content: str):
                           f"{absent[0]}): it was imported for another cache")
     if feats.first is None:
         raise ConfigError(f"{path} holds clip sequences: score it with a head that reads pooled clip vectors")
-    too_far = positions >= feats.count[np.array([index[v] for v in ids])][eps][..., None]
-    if too_far.any():
+    members = np.array([index[v] for v in ids])[eps]                      # (E, N, K+Q) indices into feats
+    if (positions >= feats.count[members][..., None]).any():
         raise ConfigError(f"{path} names clips beyond the end of their videos in this cache: it was imported for "
                           "another cache")
-    members = np.array([index[v] for v in ids])[eps]
     count = len(eps)
     if count % runs:
         raise ConfigError(f"--runs {runs} does not divide the {count} episodes of {path}")
