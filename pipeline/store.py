@@ -386,29 +386,90 @@ def merge(inputs, out, settings: dict | None = None, expect: dict[int, str] | No
         check_output(out, "merged cache", need_bytes=sum(p.stat().st_size for p in inputs))
         with atomic_path(out) as tmp, StoreWriter(tmp, ref, first.provenance, first.f["features"].shape[1:],
                                                   first.f["clips/frame_indices"].shape[1]) as writer:
-            for o in sorted(where):
-                si, vi = where[o]
-                s = stores[si]
-                same_filters = filters(s.f["features"]) == filters(writer.f["features"])
-                r = s.videos["first_row"][vi]
-                n = s.videos["n_clips"][vi] * s.videos["n_views"][vi]
-                v = VideoResult(**{k: s.videos[k][vi] for k in VIDEO_STR},
-                                label=int(s.videos["label"][vi]), order=int(o), n_views=int(s.videos["n_views"][vi]),
-                                n_frames=int(s.videos["n_frames"][vi]))
-                if n:
-                    if same_filters:
-                        zeros = (0,) * (s.f["features"].ndim - 1)
-                        v.chunks = [s.f["features"].id.read_direct_chunk((row, *zeros)) for row in range(r, r + n)]
-                    else:            # a part written without the maps' checksums: decoded and re-encoded
-                        v.maps = s.f["features"][r:r + n]
-                    v.pooled = s.f["pooled"][r:r + n]
-                    v.steps = s.f["steps"][r:r + n]
-                    v.frame_indices = s.f["clips/frame_indices"][r:r + s.videos["n_clips"][vi]]
-                writer.add(v)
+            same = [filters(s.f["features"]) == filters(writer.f["features"]) for s in stores]
+            for si, vis, orders in _runs(where):
+                _copy_run(stores[si], vis, orders, same[si], writer)
         return len(where)
     finally:
         for s in stores:
             s.close()
+
+
+class Appender:
+    """A new cache at `path` made of whole cache files (an extraction's parts) appended in `order` as
+    they are finished, so the merge is done when the last part is; on leaving the block, every video
+    of `expect` (order -> id) must be there."""
+
+    def __init__(self, path, settings: dict, expect: dict[int, str]):
+        self.path, self.settings, self.expect = Path(path), settings, expect
+        self.writer: StoreWriter | None = None
+        self.last = -1
+
+    def add(self, part) -> None:
+        with FeatureStore(part) as s:
+            s.steps()
+            check_settings(s.settings, self.settings, s.path, "it cannot be merged with this extraction")
+            ids, orders = s.videos["id"], s.videos["order"]
+            for vid, o in zip(ids, orders):
+                if o <= self.last or self.expect.get(int(o)) != vid:
+                    raise CacheMismatch(f"{s.path} holds {vid} as video number {o}, but this extraction's video {o} "
+                                        f"is {self.expect.get(int(o), '(none)')}, after {self.last}: the file belongs "
+                                        "to an extraction of other videos")
+                self.last = int(o)
+            if self.writer is None:
+                self.writer = StoreWriter(self.path, self.settings, s.provenance, s.f["features"].shape[1:],
+                                          s.f["clips/frame_indices"].shape[1])
+            same = filters(s.f["features"]) == filters(self.writer.f["features"])
+            for _, vis, got in _runs({int(o): (0, vi) for vi, o in enumerate(orders)}):
+                _copy_run(s, vis, got, same, self.writer)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if kind is None and (self.writer is None or self.writer.videos != len(self.expect)):
+            raise CacheMismatch(f"merge: {len(self.expect) - (self.writer.videos if self.writer else 0)} video(s) "
+                                "missing from the parts")
+
+
+def _runs(where: dict, most: int = 256):
+    """(store, [video indices], [orders]) for videos in `order`, cut where the next video is not the
+    next one of the same store: each run is a block of consecutive rows, read at once."""
+    run = None
+    for o in sorted(where):
+        si, vi = where[o]
+        if run and (run[0] != si or run[1][-1] + 1 != vi or len(run[1]) == most):
+            yield run
+            run = None
+        run = run or (si, [], [])
+        run[1].append(vi)
+        run[2].append(o)
+    if run:
+        yield run
+
+
+def _copy_run(s: "FeatureStore", vis: list, orders: list, same_filters: bool, writer: StoreWriter) -> None:
+    """Videos `vis` (consecutive) of `s` into `writer`: the maps' compressed chunks as they are where
+    the filters are the same (else decoded and re-encoded), the other views read in one block."""
+    first, n_rows = s.videos["first_row"][vis], s.videos["n_clips"][vis] * s.videos["n_views"][vis]
+    r0, r1 = int(first[0]), int(first[-1] + n_rows[-1])
+    feats = s.f["features"]
+    pooled, steps, indices = (s.f[k][r0:r1] for k in ("pooled", "steps", "clips/frame_indices"))
+    maps = None if same_filters else feats[r0:r1]
+    zeros = (0,) * (feats.ndim - 1)
+    for vi, o, r, n in zip(vis, orders, first - r0, n_rows):
+        v = VideoResult(**{k: s.videos[k][vi] for k in VIDEO_STR}, label=int(s.videos["label"][vi]), order=int(o),
+                        n_views=int(s.videos["n_views"][vi]), n_frames=int(s.videos["n_frames"][vi]))
+        if n:
+            if same_filters:
+                v.chunks = [feats.id.read_direct_chunk((r0 + row, *zeros)) for row in range(r, r + n)]
+            else:            # a part written without the maps' checksums: decoded and re-encoded
+                v.maps = maps[r:r + n]
+            v.pooled, v.steps = pooled[r:r + n], steps[r:r + n]
+            v.frame_indices = indices[r:r + s.videos["n_clips"][vi]]
+        writer.add(v)
 
 
 def verify(path, block: int = 256, progress: bool = True) -> tuple[int, list[str]]:

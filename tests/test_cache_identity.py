@@ -40,17 +40,17 @@ def extract(data, out, **kw):
 
 def interrupted(data, out, monkeypatch, after=1):
     """An extraction stopped (as by Ctrl-C) after `after` part files were written."""
-    real, calls = extractor._compute_part, []
+    real, calls = extractor._forward_part, []
 
     def stop(*a):
         if len(calls) == after:
             raise KeyboardInterrupt
         calls.append(1)
         return real(*a)
-    monkeypatch.setattr(extractor, "_compute_part", stop)
+    monkeypatch.setattr(extractor, "_forward_part", stop)
     with pytest.raises(KeyboardInterrupt):
         extract(data, out)
-    monkeypatch.setattr(extractor, "_compute_part", real)
+    monkeypatch.setattr(extractor, "_forward_part", real)
 
 
 @pytest.mark.filterwarnings("ignore:no --weights")
@@ -122,7 +122,7 @@ def test_a_clip_whose_maps_are_not_finite_is_recorded_as_failed(tmp_path):
         clips = np.full((1, 2, 4, 8, 8, 3), k, np.uint8)
         group.append((VideoEntry(f"a/{k}", write_video(tmp_path / f"{k}.avi", 3), "a", "train", 0), k, "sha"))
         decoded.append((VideoClips(clips, np.zeros((2, 4), np.int64), 10, 10, 25.0, (8, 8)), ""))
-    results = extractor._compute_part(group, decoded, forward, 4, tqdm(disable=True), "float16")
+    results = extractor._finish_part(*extractor._forward_part(group, decoded, forward, 4, tqdm(disable=True)), "float16")
     assert [r.status for r in results] == ["ok", "ok", "failed"]
     assert results[2].maps is None and "non-finite values (NaN or inf in float16) for clip row(s) [0, 1]" in \
         results[2].reason

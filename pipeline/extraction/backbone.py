@@ -62,6 +62,9 @@ class Backbone:
                                 f"from {settings['weights'][:12]}...)")
         return cls(MFNet3D.from_checkpoint(path).eval(), str(Path(path).resolve()), settings["weights"])
 
+    def batch_forward(self, device: torch.device, settings: ExtractSettings, channels_last: bool) -> "BatchForward":
+        return BatchForward(self.model, device, settings, channels_last)
+
     def provenance(self) -> dict:
         """What a cache records about the backbone."""
         if self.weights_path is None:
@@ -91,6 +94,7 @@ class BatchForward:
     def __init__(self, model: MFNet3D, device: torch.device, settings: ExtractSettings, channels_last: bool):
         self.model = model.to(device)
         self.device = device
+        self.on_cpu = device.type == "cpu"     # then it competes with the decoders for the cores
         self.layer = settings.layer
         self.amp = AUTOCAST[settings.precision]
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format

@@ -16,7 +16,7 @@ import platform
 import shutil
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -26,13 +26,14 @@ import torch
 
 from ..errors import ConfigError
 from ..files import atomic_path, atomic_write_text, check_output, exclusive, sha256
-from ..store import (SIZE_RATIO, CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, merge, pool_maps,
-                     read_settings)
+from ..store import (SIZE_RATIO, Appender, CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, pool_maps,
+                     read_settings, step_maps)
 from ..device import NATIVE_HALF, pick_device, slow_half_precision
-from .backbone import Backbone, BatchForward
+from .backbone import Backbone, retain_freed_memory
+from .decoders import Decoders
 from .datasets import VideoEntry
 from .settings import ExtractSettings
-from .video import read_clips_or_reason, truncation, view_seed
+from .video import truncation
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -72,35 +73,10 @@ def shard_path(out: Path, i: int, n: int) -> Path:
     return out if n == 1 else out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
 
 
-class _Reader:
-    """Decodes whole parts in `workers` threads (inline when 0). OpenCV decodes and resizes without
-    holding the GIL, so threads decode in parallel without shipping each clip between processes
-    (processes cost ~3 ms more per video on the demo, pickling 1.8 MB of clips through a pipe)."""
-
-    def __init__(self, workers: int, settings: ExtractSettings):
-        self.settings = settings
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
-
-    def submit(self, entries) -> list[Future]:
-        """Starts decoding `entries`: one future per video, giving (VideoClips or None, reason)."""
-        s = self.settings
-        args = [(e.path, s.sampling, s.preprocess, s.views, view_seed(e.id, s.seed), s.flip) for e in entries]
-        if self.pool is not None:
-            return [self.pool.submit(read_clips_or_reason, *a) for a in args]
-        done = [Future() for _ in args]
-        for f, a in zip(done, args):
-            f.set_result(read_clips_or_reason(*a))
-        return done
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _compute_part(group, decoded, forward, batch_size, bar, dtype):
-    """Features for one part: videos' clips batched across videos, batches confined to the part. A
-    video whose maps are not finite in the stored `dtype` is recorded as failed, not stored."""
-    results, queue, outputs = [], [], []
+def _forward_part(group, decoded, forward, batch_size, bar):
+    """One part's videos through the network: clips batched across videos, batches confined to the
+    part. Returns (results, [maps of each result or None]) for `_finish_part`."""
+    results, queue, outputs, counts = [], [], [], []
 
     def run(n):
         batch = np.concatenate([c for c in queue[:n]])
@@ -120,24 +96,55 @@ def _compute_part(group, decoded, forward, batch_size, bar, dtype):
             queue.extend(flat[i:i + 1] for i in range(n))
             while len(queue) >= batch_size:
                 run(batch_size)
-        results.append((r, n))
+        results.append(r)
+        counts.append(n)
         bar.update(1)
     if queue:
         run(len(queue))
-    maps = np.concatenate(outputs) if outputs else None
-    pos = 0
-    for r, n in results:
-        if n:
-            r.maps = maps[pos:pos + n]
-            r.pooled = pool_maps(r.maps)
-            pos += n
-            with np.errstate(over="ignore"):            # an overflow to inf is what is looked for
-                finite = np.isfinite(r.maps.astype(dtype)).reshape(n, -1).all(1)
-            if not finite.all():     # a NaN stored would become a score later; record why instead
-                r.status, r.maps, r.pooled = "failed", None, None
-                r.reason = (f"the network gave non-finite values (NaN or inf in {dtype}) for clip row(s) "
-                            f"{np.flatnonzero(~finite).tolist()}")
-    return [r for r, _ in results]
+    bounds, ends = np.cumsum([0] + [len(o) for o in outputs]), np.cumsum(counts)
+    return results, [_rows(outputs, bounds, e - n, e) if n else None for e, n in zip(ends, counts)]
+
+
+def _rows(outputs: list, bounds: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Rows a..b of the batches' outputs in a row: a view where they lie in one batch (most videos),
+    joined where a video straddles two (joining a whole part cost ~1 ms a clip in page faults)."""
+    first, last = np.searchsorted(bounds, a, "right") - 1, np.searchsorted(bounds, b - 1, "right") - 1
+    pieces = [outputs[k][max(a - bounds[k], 0):min(b, bounds[k + 1]) - bounds[k]] for k in range(first, last + 1)]
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+def _cast(m: np.ndarray, dtype: str) -> np.ndarray:
+    """`m.astype(dtype)`, bit for bit (tested), by torch's F16C cast at a tenth of numpy's time; in
+    pieces of torch's grain size, so that it runs in this thread alone: a larger cast is split across
+    torch's OpenMP threads, which then wait for cores the decoders hold (a 30x slowdown seen here)."""
+    if m.dtype == np.dtype(dtype):
+        return m
+    src, out = torch.from_numpy(np.ascontiguousarray(m)).view(-1), torch.empty(m.shape, dtype=getattr(torch, dtype))
+    flat = out.view(-1)
+    for i in range(0, len(src), 32768):
+        flat[i:i + 32768] = src[i:i + 32768]
+    return out.numpy()
+
+
+EXPONENT_BITS = {"float16": (np.uint16, 0x7C00), "float32": (np.uint32, 0x7F800000)}
+
+
+def _finish_part(results, maps, dtype):
+    """The stored views of each video's float32 maps: maps in `dtype`, pooled and per-step vectors.
+    A video whose maps are not finite in `dtype` is recorded as failed, not stored."""
+    for r, m in zip(results, maps):
+        if m is None:
+            continue
+        r.maps = _cast(m, dtype)
+        uint, exponent = EXPONENT_BITS[dtype]       # all ones: inf or NaN; 20x faster than np.isfinite on float16
+        finite = (r.maps.view(uint).reshape(len(m), -1) & exponent).max(1) != exponent
+        if not finite.all():     # a NaN stored would become a score later; record why instead
+            r.status, r.maps = "failed", None
+            r.reason = (f"the network gave non-finite values (NaN or inf in {dtype}) for clip row(s) "
+                        f"{np.flatnonzero(~finite).tolist()}")
+        else:
+            r.pooled, r.steps = pool_maps(m), step_maps(m)
+    return results
 
 
 def extract_features(entries: list[VideoEntry], out, settings: ExtractSettings, backbone: Backbone, *,
@@ -210,54 +217,78 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     if dev.type == "cpu" and slow_half_precision(settings.precision):
         warnings.warn(f"--precision {settings.precision} on this CPU is emulated (no {' or '.join(NATIVE_HALF[settings.precision])} "
                       "instructions) and can run 50x slower than --precision fp32", stacklevel=2)
-    forward = BatchForward(backbone.model, dev, settings, channels_last)
+    forward = backbone.batch_forward(dev, settings, channels_last)
+    retain_freed_memory()         # on every device: the parts' arrays are tens of MB, freed and made again
     frames = settings.sampling.frames
-    reader = _Reader(workers, settings)
-    # On CUDA the workers decode the next part while the GPU computes this one. On CPU the backbone
-    # already uses every core, and decoding beside it slowed both (the two compute threads wait for
-    # each other whenever a decoder takes one of their cores); there the next part is decoded, on
-    # all cores, while this one is written.
-    overlap = dev.type == "cuda"
+    decoders = Decoders(workers, settings, 2 * part_size)      # this part and the next
+    # On a GPU the workers decode the next part while the network computes this one. On CPU the
+    # backbone already uses every core, and decoding beside it slowed both (the two compute threads
+    # wait for each other whenever a decoder takes one of their cores); there the next part is
+    # decoded, on all cores, while this one is written.
+    overlap = not forward.on_cpu
     total = sum(len(groups[k]) for k in todo)
-    clips_done = failed = 0
+    done = dict(clips=0, failed=0)
     bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")
-    try:
-        nxt = reader.submit([e for e, _, _ in groups[todo[0]]]) if todo else None
-        map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
-                                     np.uint8)).shape[1:]
-        t0 = time.perf_counter()
-        for j, k in enumerate(todo):
-            decoded = [f.result() for f in nxt]
-            following = [e for e, _, _ in groups[todo[j + 1]]] if j + 1 < len(todo) else None
-            if overlap and following:
-                nxt = reader.submit(following)
-            results = _compute_part(groups[k], decoded, forward, batch_size, bar, settings.dtype)
-            if not overlap and following:
-                nxt = reader.submit(following)
-            clips_done += sum(0 if r.maps is None else len(r.maps) for r in results)
-            failed += sum(r.status != "ok" for r in results)
-            # h5py can crash the process on a full disk: refuse while there is still room to say so
-            check_output(parts_dir / f"part-{k:06d}.h5", "part file",
-                         need_bytes=sum(r.maps.size * np.dtype(settings.dtype).itemsize + r.pooled.nbytes
-                                        for r in results if r.maps is not None))     # uncompressed: an upper bound
-            with atomic_path(parts_dir / f"part-{k:06d}.h5") as tmp, \
-                    StoreWriter(tmp, wanted, provenance, map_shape, frames) as w:
-                for r in results:
-                    w.add(r)
-            bar.set_postfix(clips_s=f"{clips_done / (time.perf_counter() - t0):.1f}", failed=failed)
-    finally:
-        bar.close()
-        reader.close()
-    seconds = time.perf_counter() - t0
+    # parts are finished and written by one thread, beside the next part's forward: h5py and the
+    # casts would otherwise hold the main thread between batches (on a GPU, most of its time)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+    written = None
     expect = {o: e.id for k in mine for e, o, _ in groups[k]}
-    count = merge([parts_dir / f"part-{k:06d}.h5" for k in mine], target, wanted, expect)
+    unmerged = [parts_dir / f"part-{k:06d}.h5" for k in mine]      # merged in order, as each is on disk
+
+    def write(k, results, maps, merged):
+        results = _finish_part(results, maps, settings.dtype)
+        done["clips"] += sum(0 if r.maps is None else len(r.maps) for r in results)
+        done["failed"] += sum(r.status != "ok" for r in results)
+        # h5py can crash the process on a full disk: refuse while there is still room to say so
+        check_output(parts_dir / f"part-{k:06d}.h5", "part file",
+                     need_bytes=sum(r.maps.nbytes + r.pooled.nbytes for r in results if r.maps is not None))
+        with atomic_path(parts_dir / f"part-{k:06d}.h5") as tmp, \
+                StoreWriter(tmp, wanted, provenance, map_shape, frames) as w:
+            for r in results:
+                w.add(r)
+        while unmerged and unmerged[0].exists():
+            merged.add(unmerged.pop(0))
+
+    # the cache is merged from the parts while they are made (a second pass at the end cost 10% here);
+    # it appears under its name only when whole
+    with atomic_path(target) as merged_tmp, Appender(merged_tmp, wanted, expect) as merged:
+        try:
+            nxt = decoders.submit([e for e, _, _ in groups[todo[0]]]) if todo else None
+            map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
+                                         np.uint8)).shape[1:]
+            t0 = time.perf_counter()
+            for j, k in enumerate(todo):
+                part, decoded = nxt, nxt.result()
+                following = [e for e, _, _ in groups[todo[j + 1]]] if j + 1 < len(todo) else None
+                if overlap and following:
+                    nxt = decoders.submit(following)
+                results, maps = _forward_part(groups[k], decoded, forward, batch_size, bar)
+                del decoded
+                part.release()
+                if not overlap and following:
+                    nxt = decoders.submit(following)
+                if written is not None:
+                    written.result()            # one part in the writer at a time: memory stays bounded
+                written = writer.submit(write, k, results, maps, merged)
+                bar.set_postfix(clips_s=f"{done['clips'] / (time.perf_counter() - t0):.1f}", failed=done["failed"])
+            if written is not None:
+                written.result()
+        finally:
+            bar.close()
+            decoders.close()
+            writer.shutdown(wait=True, cancel_futures=True)
+        for path in unmerged:                   # parts of an earlier run after the last one made now
+            merged.add(path)
+    seconds = time.perf_counter() - t0
+    count = len(expect)
     shutil.rmtree(parts_dir)
     with FeatureStore(target) as store:
         failures, rows = store.failures(), store.f["features"].shape[0]
         warnings = [(store.videos["id"][i], store.videos["warning"][i]) for i in np.flatnonzero(store.videos["warning"])]
     return dict(path=str(target), status="written", videos=count, resumed_parts=len(mine) - len(todo),
-                clips=int(rows), computed_clips=clips_done, seconds=seconds,
-                clips_per_s=clips_done / seconds if seconds > 0 else 0.0,
+                clips=int(rows), computed_clips=done['clips'], seconds=seconds,
+                clips_per_s=done['clips'] / seconds if seconds > 0 else 0.0,
                 bytes=target.stat().st_size, failures=failures, warnings=warnings)
 
 
