@@ -230,3 +230,20 @@ def test_blosc_stores_the_same_values_as_lzf_and_merges(data, tmp_path):
     assert verify(tmp_path / "blosc-lz4.h5", progress=False)[1] == []
     r = cli("info", str(tmp_path / "blosc-lz4.h5"))
     assert r.returncode == 0 and "compression blosc" in r.stdout
+
+
+def test_the_stored_cast_and_its_finite_check_are_numpys_bit_for_bit():
+    rng = np.random.default_rng(0)
+    edges = [65504, 65519.996, 65520, 65536, -65520, -65519.996, np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-8, 6e-8,
+             2.9802322e-08, 2.9802326e-08, 1e-45]
+    values = np.concatenate([edges, rng.standard_normal(200_000) * np.exp(rng.uniform(-30, 12, 200_000))])
+    m = values.astype(np.float32).reshape(-1, 2, 2)                      # rows of 4 values, several parts of 32768
+    for dtype in ("float16", "float32"):
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = m.astype(dtype)
+        got = extractor._cast(m, dtype)
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8))
+        uint, exponent = extractor.EXPONENT_BITS[dtype]
+        finite = (got.view(uint).reshape(len(m), -1) & exponent).max(1) != exponent
+        assert np.array_equal(finite, np.isfinite(want).reshape(len(m), -1).all(1))
+    assert not np.isfinite(extractor._cast(m[:3], "float16")).all()      # 65520 and beyond overflow, as numpy's
