@@ -121,11 +121,11 @@ def check_output(path, what: str, folder: bool = False, need_bytes: int = 0) -> 
     if need_bytes:
         free = shutil.disk_usage(where).free
         if free < need_bytes:
-            raise MachineFault(f"{where}: the {what} {path} needs about {_size(need_bytes)} and {_size(free)} are "
+            raise MachineFault(f"{where}: the {what} {path} needs about {readable_size(need_bytes)} and {readable_size(free)} are "
                                "free: free space there or write elsewhere")
 
 
-def _size(n: int) -> str:
+def readable_size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
 

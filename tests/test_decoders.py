@@ -156,3 +156,14 @@ def _group_alive(pgid: int) -> bool:
             except (ProcessLookupError, FileNotFoundError, PermissionError):
                 pass
     return False
+
+
+def test_a_shared_memory_too_small_for_the_slots_is_one_line_naming_the_fixes(monkeypatch):
+    import pipeline.extraction.decoders as decoders
+
+    class Small:
+        f_bavail, f_frsize = 16, 4096                      # 64 KB free
+    monkeypatch.setattr(decoders.os, "statvfs", lambda where: Small())
+    with pytest.raises(DecoderError, match=r"/dev/shm has 65.5 KB free, and the decoding processes need 393.2 KB .*"
+                                           r"--shm-size.*--part-size.*--workers 0"):
+        Decoders(1, SETTINGS, 16)

@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 
 from ..errors import PipelineError
+from ..files import readable_size
 from .settings import ExtractSettings
 from .video import VideoClips, read_clips_or_reason, view_seed
 
@@ -52,6 +53,20 @@ def _decode_into(slot: int, args: tuple) -> tuple:
         return vc, reason
     np.ndarray(vc.clips.shape, vc.clips.dtype, buffer=_slots[slot].buf)[...] = vc.clips
     return replace(vc, clips=vc.clips.shape), ""
+
+
+def check_shared_memory(need: int, where: str = "/dev/shm") -> None:
+    """Refuses slots that do not fit: a worker writing past a full /dev/shm dies of SIGBUS, and
+    every video would be recorded as failed. Docker gives containers 64 MB unless told more."""
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return                      # no /dev/shm to ask (not Linux): the OS will say
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        raise DecoderError(f"{where} has {readable_size(free)} free, and the decoding processes need {readable_size(need)} "
+                           "for two parts of clips: give the container more (docker run --shm-size=1g), or lower "
+                           "--part-size, or decode in the main process with --workers 0")
 
 
 class Part:
@@ -93,6 +108,7 @@ class Decoders:
             s = settings.sampling
             clips = s.clips if s.mode == "segments" else 16       # dense: longer videos come through the pipe
             size = settings.views * clips * s.frames * settings.preprocess.crop ** 2 * 3
+            check_shared_memory(videos * size)
             self.slots = [SharedMemory(create=True, size=size) for _ in range(videos)]
             self.free = list(range(videos))
             self.pool = self._new_pool()
