@@ -14,7 +14,7 @@ breaks on the device; the run goes on, and exits 1 at the end):
     of a dense Conv3d 256->256 3x3x3 on (B, 256, 8, 28, 28) in the same precision that it reaches.
  2. End-to-end `extract_features` over the demo (generated in a temp dir unless --demo; --videos
     N for a subset): clips/s and ratio to forward only at the same batch, at the CLI's default
-    decoding threads, then with 2/4/8/16 threads (clips/s, and clips/s per thread) to show where
+    decoding processes, then with 2/4/8/16 processes (clips/s, and clips/s per process) to show where
     decoding stops being the bound.
  3. Cosine agreement of pooled features (spatio-temporal mean of the maps) of real demo clips:
     bf16/fp16 vs fp32 on the device, device vs CPU fp32, and the library's BatchForward vs the
@@ -318,11 +318,11 @@ def extract_figures(r: Report, a, p, dev, entries, forward: dict, tmp: Path):
             best[w] = s["clips_per_s"]
             if w != default_workers:
                 r.line(name, best[w], "clips/s")
-            r.line(f"{name} per decoding thread", best[w] / w, "clips/s/thread")
+            r.line(f"{name} per decoding process", best[w] / w, "clips/s/process")
     if best:
         top = max(best.values())
         knee = min(w for w, v in best.items() if v >= 0.9 * top)
-        r.line(f"extract {prec} batch {b} fewest workers within 90% of best", knee, "threads",
+        r.line(f"extract {prec} batch {b} fewest workers within 90% of best", knee, "processes",
                f"best {top:.1f} clips/s at workers {max(best, key=best.get)}")
 
 

@@ -47,8 +47,8 @@ def test_gpu_bench_on_cpu_prints_every_figure(tmp_path):
     swept = sorted({t for t in (1, 2) if t <= cpus} | {default})
     for w in swept:
         assert value(f"extract fp32 batch 2 workers {w}", "clips/s") > 0
-        assert value(f"extract fp32 batch 2 workers {w} per decoding thread", "clips/s/thread") > 0
-    assert value("extract fp32 batch 2 fewest workers within 90% of best", "threads") in swept
+        assert value(f"extract fp32 batch 2 workers {w} per decoding process", "clips/s/process") > 0
+    assert value("extract fp32 batch 2 fewest workers within 90% of best", "processes") in swept
 
     # same precision, same numbers: the library's BatchForward and the bench's own forward
     for prec in ("fp32", "bf16"):

@@ -238,7 +238,6 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
 
     def write(k, results, maps, merged):
         results = _finish_part(results, maps, settings.dtype)
-        done["clips"] += sum(0 if r.maps is None else len(r.maps) for r in results)
         done["failed"] += sum(r.status != "ok" for r in results)
         # h5py can crash the process on a full disk: refuse while there is still room to say so
         check_output(parts_dir / f"part-{k:06d}.h5", "part file",
@@ -264,6 +263,7 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 if overlap and following:
                     nxt = decoders.submit(following)
                 results, maps = _forward_part(groups[k], decoded, forward, batch_size, bar)
+                done["clips"] += sum(len(m) for m in maps if m is not None)
                 del decoded
                 part.release()
                 if not overlap and following:
