@@ -16,6 +16,7 @@ import platform
 import shutil
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from ..store import (SIZE_RATIO, Appender, CacheMismatch, FeatureStore, StoreWri
                      read_settings, step_maps)
 from ..device import NATIVE_HALF, pick_device, slow_half_precision
 from .backbone import Backbone, retain_freed_memory
-from .decoders import Decoders
+from .workers import Workers
 from .datasets import VideoEntry
 from .settings import ExtractSettings
 from .video import truncation
@@ -73,15 +74,18 @@ def shard_path(out: Path, i: int, n: int) -> Path:
     return out if n == 1 else out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
 
 
-def _forward_part(group, decoded, forward, batch_size, bar):
-    """One part's videos through the network: clips batched across videos, batches confined to the
-    part. Returns (results, [maps of each result or None]) for `_finish_part`."""
-    results, queue, outputs, counts = [], [], [], []
+def _forward_part(group, decoded, forward, batch_size, bar, maps):
+    """One part's videos through the network, their float32 clip maps into `maps` (rows of the part's
+    decoded clips, in order): clips batched across videos, batches confined to the part. Returns
+    (results, spans): each video's (first row, rows) in `maps`, for `write_part`."""
+    results, queue, spans, filled = [], [], [], 0
 
     def run(n):
+        nonlocal filled
         batch = np.concatenate([c for c in queue[:n]])
         del queue[:n]
-        outputs.append(forward(batch))
+        maps[filled:filled + n] = forward(batch)
+        filled += n
 
     for (entry, order, source), (vc, reason) in zip(group, decoded):
         r = VideoResult(entry.id, entry.class_name, entry.part, entry.label, order, file_sha256=source)
@@ -97,20 +101,16 @@ def _forward_part(group, decoded, forward, batch_size, bar):
             while len(queue) >= batch_size:
                 run(batch_size)
         results.append(r)
-        counts.append(n)
+        spans.append((spans[-1][0] + spans[-1][1] if spans else 0, n))
         bar.update(1)
     if queue:
         run(len(queue))
-    bounds, ends = np.cumsum([0] + [len(o) for o in outputs]), np.cumsum(counts)
-    return results, [_rows(outputs, bounds, e - n, e) if n else None for e, n in zip(ends, counts)]
+    return results, spans
 
 
-def _rows(outputs: list, bounds: np.ndarray, a: int, b: int) -> np.ndarray:
-    """Rows a..b of the batches' outputs in a row: a view where they lie in one batch (most videos),
-    joined where a video straddles two (joining a whole part cost ~1 ms a clip in page faults)."""
-    first, last = np.searchsorted(bounds, a, "right") - 1, np.searchsorted(bounds, b - 1, "right") - 1
-    pieces = [outputs[k][max(a - bounds[k], 0):min(b, bounds[k + 1]) - bounds[k]] for k in range(first, last + 1)]
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+def decoded_rows(decoded) -> int:
+    """The clips of a part's decoded videos: the rows of its maps."""
+    return sum(vc.clips.shape[0] * vc.clips.shape[1] for vc, _ in decoded if vc is not None)
 
 
 def _cast(m: np.ndarray, dtype: str) -> np.ndarray:
@@ -145,6 +145,19 @@ def _finish_part(results, maps, dtype):
         else:
             r.pooled, r.steps = pool_maps(m), step_maps(m)
     return results
+
+
+def write_part(maps, path, results, wanted: dict, provenance: dict, map_shape, frames: int) -> int:
+    """One part file, from its videos' results and float32 maps (in a worker process): returns how many
+    of its videos are recorded as failed."""
+    results = _finish_part(results, maps, wanted["dtype"])
+    # h5py can crash the process on a full disk: refuse while there is still room to say so
+    check_output(path, "part file", need_bytes=sum(r.maps.nbytes + r.pooled.nbytes for r in results
+                                                   if r.maps is not None))
+    with atomic_path(path) as tmp, StoreWriter(tmp, wanted, provenance, map_shape, frames) as w:
+        for r in results:
+            w.add(r)
+    return sum(r.status != "ok" for r in results)
 
 
 def extract_features(entries: list[VideoEntry], out, settings: ExtractSettings, backbone: Backbone, *,
@@ -220,7 +233,7 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     forward = backbone.batch_forward(dev, settings, channels_last)
     retain_freed_memory()         # on every device: the parts' arrays are tens of MB, freed and made again
     frames = settings.sampling.frames
-    decoders = Decoders(workers, settings, 2 * part_size)      # this part and the next
+    workers = Workers(workers, settings, part_size)
     # On a GPU the workers decode the next part while the network computes this one. On CPU the
     # backbone already uses every core, and decoding beside it slowed both (the two compute threads
     # wait for each other whenever a decoder takes one of their cores); there the next part is
@@ -229,31 +242,28 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     total = sum(len(groups[k]) for k in todo)
     done = dict(clips=0, failed=0)
     bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")
-    # parts are finished and written by one thread, beside the next part's forward: h5py and the
-    # casts would otherwise hold the main thread between batches (on a GPU, most of its time)
-    writer = ThreadPoolExecutor(1, thread_name_prefix="write")
-    written = None
     expect = {o: e.id for k in mine for e, o, _ in groups[k]}
     unmerged = [parts_dir / f"part-{k:06d}.h5" for k in mine]      # merged in order, as each is on disk
+    writes, merging = deque(), []
+    # the merge runs in a thread of this process (it holds the GIL only briefly: raw chunks copied)
+    merger = ThreadPoolExecutor(1, thread_name_prefix="merge")
 
-    def write(k, results, maps, merged):
-        results = _finish_part(results, maps, settings.dtype)
-        done["failed"] += sum(r.status != "ok" for r in results)
-        # h5py can crash the process on a full disk: refuse while there is still room to say so
-        check_output(parts_dir / f"part-{k:06d}.h5", "part file",
-                     need_bytes=sum(r.maps.nbytes + r.pooled.nbytes for r in results if r.maps is not None))
-        with atomic_path(parts_dir / f"part-{k:06d}.h5") as tmp, \
-                StoreWriter(tmp, wanted, provenance, map_shape, frames) as w:
-            for r in results:
-                w.add(r)
+    def merge_ready():
         while unmerged and unmerged[0].exists():
             merged.add(unmerged.pop(0))
 
+    def finish_oldest_write():
+        done["failed"] += writes.popleft().result()
+        merging.append(merger.submit(merge_ready))
+        while merging and merging[0].done():
+            merging.pop(0).result()         # a failed merge stops the run here
+
     # the cache is merged from the parts while they are made (a second pass at the end cost 10% here);
     # it appears under its name only when whole
+    _remove_temporaries(parts_dir)
     with atomic_path(target) as merged_tmp, Appender(merged_tmp, wanted, expect) as merged:
         try:
-            nxt = decoders.submit([e for e, _, _ in groups[todo[0]]]) if todo else None
+            nxt = workers.submit([e for e, _, _ in groups[todo[0]]]) if todo else None
             map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
                                          np.uint8)).shape[1:]
             t0 = time.perf_counter()
@@ -261,23 +271,29 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 part, decoded = nxt, nxt.result()
                 following = [e for e, _, _ in groups[todo[j + 1]]] if j + 1 < len(todo) else None
                 if overlap and following:
-                    nxt = decoders.submit(following)
-                results, maps = _forward_part(groups[k], decoded, forward, batch_size, bar)
-                done["clips"] += sum(len(m) for m in maps if m is not None)
+                    nxt = workers.submit(following)
+                while len(writes) >= workers.in_flight:      # memory stays bounded
+                    finish_oldest_write()
+                maps, buffer = workers.out(decoded_rows(decoded), map_shape)
+                results, spans = _forward_part(groups[k], decoded, forward, batch_size, bar, maps)
+                done["clips"] += len(maps)
                 del decoded
                 part.release()
-                if not overlap and following:
-                    nxt = decoders.submit(following)
-                if written is not None:
-                    written.result()            # one part in the writer at a time: memory stays bounded
-                written = writer.submit(write, k, results, maps, merged)
+                writes.append(workers.write(write_part, maps, buffer, spans, parts_dir / f"part-{k:06d}.h5", results,
+                                            wanted, provenance, map_shape, frames))
+                del maps
+                if not overlap and following:            # after the write: it runs beside the decoding
+                    nxt = workers.submit(following)
                 bar.set_postfix(clips_s=f"{done['clips'] / (time.perf_counter() - t0):.1f}", failed=done["failed"])
-            if written is not None:
-                written.result()
+            while writes:
+                finish_oldest_write()
+            for f in merging:
+                f.result()
         finally:
             bar.close()
-            decoders.close()
-            writer.shutdown(wait=True, cancel_futures=True)
+            workers.close()
+            merger.shutdown(wait=True, cancel_futures=True)
+            _remove_temporaries(parts_dir)     # of writers stopped mid-part (Ctrl-C)
         for path in unmerged:                   # parts of an earlier run after the last one made now
             merged.add(path)
     seconds = time.perf_counter() - t0
@@ -290,6 +306,12 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 clips=int(rows), computed_clips=done['clips'], seconds=seconds,
                 clips_per_s=done['clips'] / seconds if seconds > 0 else 0.0,
                 bytes=target.stat().st_size, failures=failures, warnings=warnings)
+
+
+def _remove_temporaries(parts_dir: Path) -> None:
+    """Part files left half-written by a worker that was stopped (its cleanup never ran)."""
+    for tmp in parts_dir.glob("part-*.h5.tmp*"):
+        tmp.unlink(missing_ok=True)
 
 
 def file_digests(paths, workers: int) -> list[str]:

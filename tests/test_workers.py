@@ -13,7 +13,8 @@ import pytest
 
 from conftest import write_video
 from pipeline.extraction.datasets import load_split, resolve
-from pipeline.extraction.decoders import DIED, DecoderError, Decoders, _decode_into
+from pipeline.extraction.extractor import write_part
+from pipeline.extraction.workers import DIED, WorkerError, Workers, _decode_into
 from pipeline.extraction.settings import ExtractSettings
 from pipeline.extraction.video import Preprocess, Sampling
 
@@ -36,7 +37,7 @@ def entries(tmp_path_factory):
     return resolve(load_split(split), root)[0]
 
 
-def decoded(d: Decoders, entries) -> list:
+def decoded(d: Workers, entries) -> list:
     part = d.submit(entries)
     out = [(None if vc is None else (vc.clips.copy(), vc.indices, vc.n_frames), reason) for vc, reason in part.result()]
     part.release()
@@ -51,7 +52,7 @@ def same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def inline(entries):
-    d = Decoders(0, SETTINGS, 0)
+    d = Workers(0, SETTINGS, 0)
     try:
         return decoded(d, entries)
     finally:
@@ -60,7 +61,7 @@ def inline(entries):
 
 def test_processes_decode_the_same_clips_as_this_process_and_record_the_same_failure(entries, inline):
     assert [r for _, r in inline].count("") == 8 and inline[-1][0] is None and inline[-1][1]   # c_2 is garbage
-    d = Decoders(2, SETTINGS, 2 * len(entries))
+    d = Workers(2, SETTINGS, len(entries))
     try:
         assert same(decoded(d, entries), inline)
         assert same(decoded(d, entries), inline)          # the slots, used again
@@ -71,7 +72,7 @@ def test_processes_decode_the_same_clips_as_this_process_and_record_the_same_fai
 
 
 def test_a_decoder_killed_mid_part_loses_nothing(entries, inline):
-    d = Decoders(2, SETTINGS, len(entries))
+    d = Workers(2, SETTINGS, len(entries))
     try:
         part = d.submit(entries)
         os.kill(next(iter(d.pool._processes)), signal.SIGKILL)     # while its videos are in flight
@@ -91,7 +92,7 @@ def die_on_b1(slot, args):
 
 
 def test_a_video_that_kills_its_decoder_every_time_is_recorded_as_failed_and_the_rest_decoded(entries, inline):
-    d = Decoders(2, SETTINGS, len(entries), decode=die_on_b1)
+    d = Workers(2, SETTINGS, len(entries), decode=die_on_b1)
     try:
         out = decoded(d, entries)
     finally:
@@ -104,12 +105,12 @@ def test_a_video_that_kills_its_decoder_every_time_is_recorded_as_failed_and_the
 def test_a_script_without_a_main_guard_is_told_how_to_call_it(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
-                      "from pipeline.extraction.decoders import Decoders\n"
+                      "from pipeline.extraction.workers import Workers\n"
                       "from pipeline.extraction.settings import ExtractSettings\n"
-                      "Decoders(1, ExtractSettings(), 1)\n")
+                      "Workers(1, ExtractSettings(), 1)\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert DecoderError.__name__ in r.stderr and "if __name__ == '__main__':" in r.stderr and "--workers 0" in r.stderr
+    assert WorkerError.__name__ in r.stderr and "if __name__ == '__main__':" in r.stderr and "--workers 0" in r.stderr
 
 
 def test_ctrl_c_stops_every_decoder_and_a_rerun_resumes(tmp_path):
@@ -159,11 +160,97 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_a_shared_memory_too_small_for_the_slots_is_one_line_naming_the_fixes(monkeypatch):
-    import pipeline.extraction.decoders as decoders
+    import pipeline.extraction.workers as workers
 
     class Small:
         f_bavail, f_frsize = 16, 4096                      # 64 KB free
-    monkeypatch.setattr(decoders.os, "statvfs", lambda where: Small())
-    with pytest.raises(DecoderError, match=r"/dev/shm has 65.5 KB free, and the decoding processes need 393.2 KB .*"
+    monkeypatch.setattr(workers.os, "statvfs", lambda where: Small())
+    with pytest.raises(WorkerError, match=r"/dev/shm has 65.5 KB free, and the worker processes need 393.2 KB .*"
                                            r"--shm-size.*--part-size.*--workers 0"):
-        Decoders(1, SETTINGS, 16)
+        Workers(1, SETTINGS, 8)
+
+
+def extract_with(entries, out, workers: int) -> dict:
+    import warnings
+    from pipeline.extraction.backbone import Backbone
+    from pipeline.extraction.extractor import extract_features
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                # the random network's warning
+        return extract_features(entries, out, SETTINGS, Backbone.load(None, 0), batch_size=3, workers=workers,
+                                part_size=2, progress=False)
+
+
+def cache_values(path) -> dict:
+    with h5py.File(path) as f:
+        return {"content_digest": f.attrs["content_digest"], **{k: f[k][:] for k in ("features", "pooled", "steps")},
+                **{f"videos/{k}": f[f"videos/{k}"][:] for k in ("id", "status", "reason", "digest")}}
+
+
+@pytest.fixture(scope="module")
+def written_here(entries, tmp_path_factory):
+    out = tmp_path_factory.mktemp("inline") / "c.h5"
+    extract_with(entries, out, 0)
+    return cache_values(out)
+
+
+def same_cache(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_parts_written_by_workers_are_those_written_here_bit_for_bit(entries, written_here, tmp_path):
+    assert written_here["videos/status"].tolist().count(b"failed") == 1          # c_2 is garbage
+    before = set(os.listdir("/dev/shm"))
+    r = extract_with(entries, tmp_path / "c.h5", 2)
+    assert set(os.listdir("/dev/shm")) <= before                                   # slots and buffers unlinked
+    assert r["failures"] == [("c/c_2", written_here["videos/reason"][-1].decode())]
+    assert same_cache(cache_values(tmp_path / "c.h5"), written_here)
+
+
+WRITTEN_BY_THE_PARENT = []
+
+
+def die_writing_part_1(maps, path, *args):
+    """A writer that dies on one part (as the OOM killer would take it); written by the parent, it works."""
+    import multiprocessing
+    if multiprocessing.parent_process() is None:
+        WRITTEN_BY_THE_PARENT.append(Path(path).name)
+    elif Path(path).name == "part-000001.h5":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_part(maps, path, *args)    # the real one: imported before the test replaced it
+
+
+def test_a_writer_killed_mid_part_loses_nothing(entries, written_here, tmp_path, monkeypatch):
+    import pipeline.extraction.extractor as extractor
+    monkeypatch.setattr(extractor, "write_part", die_writing_part_1)
+    extract_with(entries, tmp_path / "c.h5", 2)
+    assert WRITTEN_BY_THE_PARENT == ["part-000001.h5"]        # the others by the workers
+    assert same_cache(cache_values(tmp_path / "c.h5"), written_here)
+    assert not (tmp_path / "c.h5.parts").exists()
+
+
+def test_dense_parts_beyond_the_buffers_are_handed_over_whole_and_stored_the_same(tmp_path):
+    """Dense sampling: a part of more clips than a buffer holds (16 a video) goes to its writer pickled."""
+    import warnings
+    from pipeline.extraction.backbone import Backbone
+    from pipeline.extraction.extractor import extract_features
+    from pipeline.extraction.workers import Workers as W
+    root = tmp_path / "data"
+    write_video(root / "a" / "long.avi", 76, start=3)        # 19 clips of 4 frames: more than the buffer's 16
+    write_video(root / "b" / "short.avi", 12, start=90)      # 3 clips: in the buffer
+    write_video(root / "c" / "short.avi", 13, start=130)
+    split = tmp_path / "split"
+    split.mkdir()
+    for part, cs in (("train", "a"), ("val", "b"), ("test", "c")):
+        (split / f"{part}_classes.txt").write_text(cs + "\n")
+    entries = resolve(load_split(split), root)[0]
+    s = ExtractSettings(Sampling("dense", frames=4, step=1), Preprocess(resize=40, crop=32))
+    assert W(0, s, 1).part_rows == 16
+    caches = []
+    for workers in (0, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            extract_features(entries, tmp_path / f"{workers}.h5", s, Backbone.load(None, 0), batch_size=4,
+                             workers=workers, part_size=1, progress=False)
+        caches.append(cache_values(tmp_path / f"{workers}.h5"))
+    assert caches[0]["features"].shape[0] == 19 + 3 + 4        # 13 frames: starts 0, 4, 8 and 9 (flush with the end)
+    assert same_cache(*caches)
