@@ -223,7 +223,8 @@ def test_a_writer_killed_mid_part_loses_nothing(entries, written_here, tmp_path,
     import pipeline.extraction.extractor as extractor
     monkeypatch.setattr(extractor, "write_part", die_writing_part_1)
     extract_with(entries, tmp_path / "c.h5", 2)
-    assert WRITTEN_BY_THE_PARENT == ["part-000001.h5"]        # the others by the workers
+    # part 1 by this process, and any other part in the broken pool then; the last ones by fresh workers
+    assert "part-000001.h5" in WRITTEN_BY_THE_PARENT and "part-000004.h5" not in WRITTEN_BY_THE_PARENT
     assert same_cache(cache_values(tmp_path / "c.h5"), written_here)
     assert not (tmp_path / "c.h5.parts").exists()
 
@@ -254,3 +255,29 @@ def test_dense_parts_beyond_the_buffers_are_handed_over_whole_and_stored_the_sam
         caches.append(cache_values(tmp_path / f"{workers}.h5"))
     assert caches[0]["features"].shape[0] == 19 + 3 + 4        # 13 frames: starts 0, 4, 8 and 9 (flush with the end)
     assert same_cache(*caches)
+
+
+MERGED_HERE = []
+
+
+def die_merging_part_2(part):
+    """The merging process dies at the third part (as the OOM killer would take it)."""
+    from pipeline.extraction.workers import _merge_add
+    if Path(part).name == "part-000002.h5":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _merge_add(part)
+
+
+def test_a_merging_process_killed_mid_cache_loses_nothing(entries, written_here, tmp_path, monkeypatch):
+    import pipeline.extraction.workers as workers
+    real = workers.Appender
+
+    class Recorded(real):           # the parts appended in this process: all of them, again
+        def add(self, part):
+            MERGED_HERE.append(Path(part).name)
+            return super().add(part)
+    monkeypatch.setattr(workers, "_merge_add", die_merging_part_2)
+    monkeypatch.setattr(workers, "Appender", Recorded)
+    extract_with(entries, tmp_path / "c.h5", 2)
+    assert MERGED_HERE == [f"part-{k:06d}.h5" for k in range(5)]
+    assert same_cache(cache_values(tmp_path / "c.h5"), written_here)

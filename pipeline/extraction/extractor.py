@@ -27,11 +27,11 @@ import torch
 
 from ..errors import ConfigError
 from ..files import atomic_path, atomic_write_text, check_output, exclusive, sha256
-from ..store import (SIZE_RATIO, Appender, CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, pool_maps,
+from ..store import (SIZE_RATIO, CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, pool_maps,
                      read_settings, step_maps)
 from ..device import NATIVE_HALF, pick_device, slow_half_precision
 from .backbone import Backbone, retain_freed_memory
-from .workers import Workers
+from .workers import Merger, Workers
 from .datasets import VideoEntry
 from .settings import ExtractSettings
 from .video import truncation
@@ -244,24 +244,19 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")
     expect = {o: e.id for k in mine for e, o, _ in groups[k]}
     unmerged = [parts_dir / f"part-{k:06d}.h5" for k in mine]      # merged in order, as each is on disk
-    writes, merging = deque(), []
-    # the merge runs in a thread of this process (it holds the GIL only briefly: raw chunks copied)
-    merger = ThreadPoolExecutor(1, thread_name_prefix="merge")
-
-    def merge_ready():
-        while unmerged and unmerged[0].exists():
-            merged.add(unmerged.pop(0))
+    writes = deque()
 
     def finish_oldest_write():
         done["failed"] += writes.popleft().result()
-        merging.append(merger.submit(merge_ready))
-        while merging and merging[0].done():
-            merging.pop(0).result()         # a failed merge stops the run here
+        while unmerged and unmerged[0].exists():
+            merger.add(unmerged.pop(0))
 
-    # the cache is merged from the parts while they are made (a second pass at the end cost 10% here);
+    # the cache is merged from the parts while they are made, by a process of its own (a second pass
+    # at the end cost 10% here, and merging in this process took a core's third on a GPU machine);
     # it appears under its name only when whole
     _remove_temporaries(parts_dir)
-    with atomic_path(target) as merged_tmp, Appender(merged_tmp, wanted, expect) as merged:
+    with atomic_path(target) as merged_tmp:
+        merger = Merger(merged_tmp, wanted, expect, in_process=workers.workers > 0)
         try:
             nxt = workers.submit([e for e, _, _ in groups[todo[0]]]) if todo else None
             map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
@@ -287,15 +282,16 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 bar.set_postfix(clips_s=f"{done['clips'] / (time.perf_counter() - t0):.1f}", failed=done["failed"])
             while writes:
                 finish_oldest_write()
-            for f in merging:
-                f.result()
+            for path in unmerged:                   # parts of an earlier run after the last one made now
+                merger.add(path)
+            merger.close()
+        except BaseException:
+            merger.abort()
+            raise
         finally:
             bar.close()
             workers.close()
-            merger.shutdown(wait=True, cancel_futures=True)
             _remove_temporaries(parts_dir)     # of writers stopped mid-part (Ctrl-C)
-        for path in unmerged:                   # parts of an earlier run after the last one made now
-            merged.add(path)
     seconds = time.perf_counter() - t0
     count = len(expect)
     shutil.rmtree(parts_dir)

@@ -13,10 +13,14 @@ The same processes write the part files: the network's float32 maps go into a sh
 In this process the writing held the GIL (h5py keeps it through its filters): on a 16-core GPU
 machine it was the bound of the whole extraction.
 
+The parts are appended to the cache, in order, by one more process (`Merger`), so that this process
+is left to feed the network.
+
 A worker that dies (a crash inside FFmpeg, the OOM killer, kill -9) breaks the pool: the videos it
 was reading are decoded again one at a time in a fresh process, so a video that kills its decoder
 every time is recorded as failed, and one lost to a passing kill is decoded as usual; a part whose
-writer died is written by this process from the same buffer.
+writer died is written by this process from the same buffer, and a cache whose merging process died
+is merged again here from the parts.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import numpy as np
 
 from ..errors import PipelineError
 from ..files import readable_size
+from ..store import Appender
 from .settings import ExtractSettings
 from .video import VideoClips, read_clips_or_reason, view_seed
 
@@ -48,9 +53,28 @@ _buffers: dict[str, SharedMemory] = {}   # in a worker: the parent's map buffers
 
 
 def _worker_init(names: list[str]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle: it stops the workers
+    _ignore_interrupt()                            # Ctrl-C is the parent's to handle: it stops the workers
     cv2.setNumThreads(1)                           # one process per core already
     _slots[:] = [SharedMemory(n) for n in names]
+
+
+def _ignore_interrupt() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+_appender: list[Appender] = []       # in the merging process: the cache it appends to
+
+
+def _merge_start(path, settings: dict, expect: dict) -> None:
+    _appender[:] = [Appender(path, settings, expect).__enter__()]
+
+
+def _merge_add(part) -> None:
+    _appender[0].add(part)
+
+
+def _merge_end() -> None:
+    _appender.pop().__exit__(None, None, None)
 
 
 def _write_from(fn, name: str, shape: tuple, spans: list, args: tuple):
@@ -239,17 +263,7 @@ class Workers:
             alone.shutdown(wait=True)
 
     def _terminate(self) -> None:
-        """Stops the pool's workers now (Ctrl-C, a dead sibling): shutdown alone waits for the videos
-        they are decoding."""
-        if self.pool is None:
-            return
-        procs = list((getattr(self.pool, "_processes", None) or {}).values())
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join()
+        stop(self.pool)
         self.pool = None
 
     def close(self) -> None:
@@ -263,3 +277,71 @@ class Workers:
                 pass
             shm.unlink()
         self.slots, self.buffers = [], []
+
+
+def stop(pool: ProcessPoolExecutor | None) -> None:
+    """Stops a pool's processes now (Ctrl-C, a dead sibling): shutdown alone waits for the videos
+    they are decoding."""
+    if pool is None:
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join()
+
+
+class Merger:
+    """Appends finished part files to a new cache at `path`, in the order given: in a process of its
+    own (`store.Appender` there) when `in_process`, else here. `add` returns at once; `close` waits
+    for the last and raises what went wrong. If that process dies, the parts are merged again here."""
+
+    def __init__(self, path, settings: dict, expect: dict[int, str], in_process: bool = True):
+        self.args, self.parts, self.futures, self.pool, self.here = (path, settings, expect), [], [], None, None
+        if in_process:
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"),
+                                            initializer=_ignore_interrupt)
+            self._submit(_merge_start, *self.args)
+        else:
+            self.here = Appender(*self.args).__enter__()
+
+    def _submit(self, fn, *args) -> None:
+        try:
+            self.futures.append(self.pool.submit(fn, *args))
+        except BrokenProcessPool as e:        # it died: close() merges here
+            self.futures.append(Future())
+            self.futures[-1].set_exception(e)
+
+    def add(self, part) -> None:
+        self.parts.append(part)
+        if self.here is not None:
+            return self.here.add(part)
+        self._submit(_merge_add, part)
+        while self.futures and self.futures[0].done():
+            error = self.futures.pop(0).exception()
+            if error is not None and not isinstance(error, BrokenProcessPool):
+                raise error                    # a refused part stops the run now, not at the end
+
+    def close(self) -> None:
+        if self.here is not None:
+            self.here, here = None, self.here
+            return here.__exit__(None, None, None)
+        self._submit(_merge_end)
+        try:
+            for f in self.futures:
+                f.result()
+        except BrokenProcessPool:
+            with Appender(*self.args) as here:
+                for part in self.parts:
+                    here.add(part)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Stops merging (the cache being made is left as it is: the caller removes it)."""
+        stop(self.pool)
+        if self.here is not None and self.here.writer is not None:
+            self.here.writer.close()
+        self.here = None
