@@ -98,7 +98,8 @@ def decode_only(entries, workers: int, settings: ExtractSettings, part_size: int
     """Clips/s of the pipeline's readers alone (its worker processes decoding, part by part as `extract`
     submits them, the next part in flight), no network, no store; the time to start the processes counts."""
     t, clips = time.perf_counter(), 0          # starting the processes counts, as it does in `extract`
-    d = Workers(workers, settings, part_size)
+    hw = -(-settings.preprocess.crop // 32)
+    d = Workers(workers, settings, part_size, (768, settings.sampling.frames // 2, hw, hw))   # MFNet's maps
     try:
         parts = [entries[k:k + part_size] for k in range(0, len(entries), part_size)]
         nxt = d.submit(parts[0])

@@ -138,7 +138,7 @@ def extract(root: Path = typer.Option(..., help="Dataset root: one folder per cl
             precision: str = typer.Option("fp32", help="Compute precision: fp32 | bf16 | fp16 (autocast; stored dtype unchanged)."),
             device: str = typer.Option("auto", help="auto | cpu | cuda."),
             batch_size: int = typer.Option(8, min=1, help="Clips per forward batch (batches span videos)."),
-            workers: int = typer.Option(min(8, os.cpu_count() or 1), min=0, help="Decoding processes (0 = decode in this process); the default is this machine's cores, at most 8."),
+            workers: int = typer.Option(min(8, os.cpu_count() or 1), min=0, help="Processes that decode the videos and write the parts (0 = all in this process); the default is this machine's cores, at most 8."),
             shard: Optional[str] = typer.Option(None, help="i/N: extract only shard i of N (default: from torchrun or a Slurm array)."),
             part_size: int = typer.Option(32, min=1, help="Videos per crash-safe part file."),
             channels_last: bool = typer.Option(True, help="channels_last_3d memory format for the forward (faster on CPU)."),

@@ -19,6 +19,7 @@ from pipeline.extraction.settings import ExtractSettings
 from pipeline.extraction.video import Preprocess, Sampling
 
 SETTINGS = ExtractSettings(sampling=Sampling(clips=2, frames=4), preprocess=Preprocess(resize=40, crop=32))
+MAPS = (768, 2, 1, 1)            # MFNet's clip map at 4 frames of 32 x 32
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,7 +53,7 @@ def same(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def inline(entries):
-    d = Workers(0, SETTINGS, 0)
+    d = Workers(0, SETTINGS, 0, MAPS)
     try:
         return decoded(d, entries)
     finally:
@@ -61,7 +62,7 @@ def inline(entries):
 
 def test_processes_decode_the_same_clips_as_this_process_and_record_the_same_failure(entries, inline):
     assert [r for _, r in inline].count("") == 8 and inline[-1][0] is None and inline[-1][1]   # c_2 is garbage
-    d = Workers(2, SETTINGS, len(entries))
+    d = Workers(2, SETTINGS, len(entries), MAPS)
     try:
         assert same(decoded(d, entries), inline)
         assert same(decoded(d, entries), inline)          # the slots, used again
@@ -72,7 +73,7 @@ def test_processes_decode_the_same_clips_as_this_process_and_record_the_same_fai
 
 
 def test_a_decoder_killed_mid_part_loses_nothing(entries, inline):
-    d = Workers(2, SETTINGS, len(entries))
+    d = Workers(2, SETTINGS, len(entries), MAPS)
     try:
         part = d.submit(entries)
         os.kill(next(iter(d.pool._processes)), signal.SIGKILL)     # while its videos are in flight
@@ -92,7 +93,7 @@ def die_on_b1(slot, args):
 
 
 def test_a_video_that_kills_its_decoder_every_time_is_recorded_as_failed_and_the_rest_decoded(entries, inline):
-    d = Workers(2, SETTINGS, len(entries), decode=die_on_b1)
+    d = Workers(2, SETTINGS, len(entries), MAPS, decode=die_on_b1)
     try:
         out = decoded(d, entries)
     finally:
@@ -107,13 +108,15 @@ def test_a_script_without_a_main_guard_is_told_how_to_call_it(tmp_path):
     script.write_text(f"import sys; sys.path.insert(0, {str(REPO)!r})\n"
                       "from pipeline.extraction.workers import Workers\n"
                       "from pipeline.extraction.settings import ExtractSettings\n"
-                      "Workers(1, ExtractSettings(), 1)\n")
+                      "Workers(1, ExtractSettings(), 1, (768, 8, 4, 4))\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert WorkerError.__name__ in r.stderr and "if __name__ == '__main__':" in r.stderr and "--workers 0" in r.stderr
+    assert "leaked shared_memory" not in r.stderr                  # the slots unlinked though the pool never started
 
 
-def test_ctrl_c_stops_every_decoder_and_a_rerun_resumes(tmp_path):
+def small_dataset(tmp_path) -> list[str]:
+    """20 videos in 5 classes, and the extract command (part by part, 2 workers) for them."""
     root = tmp_path / "data"
     for ci, c in enumerate("abcde"):
         for i in range(4):
@@ -122,30 +125,57 @@ def test_ctrl_c_stops_every_decoder_and_a_rerun_resumes(tmp_path):
     split.mkdir()
     for part, cs in (("train", "abc"), ("val", "d"), ("test", "e")):
         (split / f"{part}_classes.txt").write_text("\n".join(cs) + "\n")
-    out = tmp_path / "c.h5"
-    cmd = [sys.executable, "-m", "pipeline", "extract", "--root", str(root), "--split", str(split), "--out", str(out),
-           "--clips", "2", "--frames", "8", "--resize", "64", "--crop", "64", "--part-size", "1", "--workers", "2",
-           "--batch-size", "2"]
+    return [sys.executable, "-m", "pipeline", "extract", "--root", str(root), "--split", str(split), "--out",
+            str(tmp_path / "c.h5"), "--clips", "2", "--frames", "8", "--resize", "64", "--crop", "64", "--part-size",
+            "1", "--workers", "2", "--batch-size", "2"]
+
+
+def started(cmd, parts: Path) -> subprocess.Popen:
+    """The command, in a process group of its own (as a terminal's job), once it has written a part."""
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)                   # its own process group, as a terminal's job
-    parts = Path(str(out) + ".parts")
+                         start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(parts.glob("part-*.h5")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert p.poll() is None, "the extraction ended before it could be interrupted"
+    assert p.poll() is None, "the extraction ended before it could be stopped"
+    return p
+
+
+def none_left(pgid: int, within: float = 30) -> bool:
+    deadline = time.monotonic() + within
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _group_alive(pgid)
+
+
+def resumed(cmd, tmp_path) -> None:
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert len(f["videos/id"]) == 20
+
+
+def test_ctrl_c_stops_every_process_and_a_rerun_resumes(tmp_path):
+    cmd, parts = small_dataset(tmp_path), tmp_path / "c.h5.parts"
+    p = started(cmd, parts)
     os.killpg(p.pid, signal.SIGINT)                               # what Ctrl-C does: the whole group
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
-    deadline = time.monotonic() + 30
-    while _group_alive(p.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _group_alive(p.pid), "a decoding process outlived Ctrl-C"
+    assert none_left(p.pid), "a worker process outlived Ctrl-C"
     done = len(list(parts.glob("part-*.h5")))
     assert 1 <= done < 20 and not list(parts.glob("*.tmp*"))
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    with h5py.File(out) as f:
-        assert len(f["videos/id"]) == 20
+    resumed(cmd, tmp_path)
+
+
+def test_workers_end_when_the_run_is_killed_and_a_rerun_resumes(tmp_path):
+    """kill -9 (or the OOM killer) on the run's own process: its workers and merging process must not
+    wait for tasks forever, holding the shared memory and the cache's lock."""
+    cmd, parts = small_dataset(tmp_path), tmp_path / "c.h5.parts"
+    p = started(cmd, parts)
+    os.kill(p.pid, signal.SIGKILL)
+    p.communicate(timeout=60)
+    assert none_left(p.pid), "a worker process outlived the run"
+    resumed(cmd, tmp_path)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -159,15 +189,15 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def test_a_shared_memory_too_small_for_the_slots_is_one_line_naming_the_fixes(monkeypatch):
+def test_a_shared_memory_too_small_for_the_slots_and_buffers_is_one_line_naming_the_fixes(monkeypatch):
     import pipeline.extraction.workers as workers
 
     class Small:
         f_bavail, f_frsize = 16, 4096                      # 64 KB free
     monkeypatch.setattr(workers.os, "statvfs", lambda where: Small())
-    with pytest.raises(WorkerError, match=r"/dev/shm has 65.5 KB free, and the worker processes need 393.2 KB .*"
+    with pytest.raises(WorkerError, match=r"/dev/shm has 65.5 KB free, and the worker processes need 688.1 KB .*"
                                            r"--shm-size.*--part-size.*--workers 0"):
-        Workers(1, SETTINGS, 8)
+        Workers(1, SETTINGS, 8, MAPS)    # 16 slots of 2 x 4 x 32 x 32 x 3 bytes, 3 buffers of 16 x 1,536 float32
 
 
 def extract_with(entries, out, workers: int) -> dict:
@@ -245,7 +275,7 @@ def test_dense_parts_beyond_the_buffers_are_handed_over_whole_and_stored_the_sam
         (split / f"{part}_classes.txt").write_text(cs + "\n")
     entries = resolve(load_split(split), root)[0]
     s = ExtractSettings(Sampling("dense", frames=4, step=1), Preprocess(resize=40, crop=32))
-    assert W(0, s, 1).part_rows == 16
+    assert W(0, s, 1, MAPS).part_rows == 16
     caches = []
     for workers in (0, 2):
         with warnings.catch_warnings():

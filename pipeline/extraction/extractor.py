@@ -233,7 +233,8 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     forward = backbone.batch_forward(dev, settings, channels_last)
     retain_freed_memory()         # on every device: the parts' arrays are tens of MB, freed and made again
     frames = settings.sampling.frames
-    workers = Workers(workers, settings, part_size)
+    map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3), np.uint8)).shape[1:]
+    workers = Workers(workers, settings, part_size, map_shape)
     # On a GPU the workers decode the next part while the network computes this one. On CPU the
     # backbone already uses every core, and decoding beside it slowed both (the two compute threads
     # wait for each other whenever a decoder takes one of their cores); there the next part is
@@ -259,8 +260,6 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
         merger = Merger(merged_tmp, wanted, expect, in_process=workers.workers > 0)
         try:
             nxt = workers.submit([e for e, _, _ in groups[todo[0]]]) if todo else None
-            map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3),
-                                         np.uint8)).shape[1:]
             t0 = time.perf_counter()
             for j, k in enumerate(todo):
                 part, decoded = nxt, nxt.result()
@@ -269,7 +268,7 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                     nxt = workers.submit(following)
                 while len(writes) >= workers.in_flight:      # memory stays bounded
                     finish_oldest_write()
-                maps, buffer = workers.out(decoded_rows(decoded), map_shape)
+                maps, buffer = workers.out(decoded_rows(decoded))
                 results, spans = _forward_part(groups[k], decoded, forward, batch_size, bar, maps)
                 done["clips"] += len(maps)
                 del decoded

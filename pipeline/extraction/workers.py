@@ -27,6 +27,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import replace
@@ -52,14 +54,32 @@ _slots: list[SharedMemory] = []    # in a worker: the parent's decoding slots, m
 _buffers: dict[str, SharedMemory] = {}   # in a worker: the parent's map buffers, mapped at first use
 
 
-def _worker_init(names: list[str]) -> None:
-    _ignore_interrupt()                            # Ctrl-C is the parent's to handle: it stops the workers
+def _worker_init(run: int, names: list[str]) -> None:
+    _serve(run)
     cv2.setNumThreads(1)                           # one process per core already
     _slots[:] = [SharedMemory(n) for n in names]
 
 
-def _ignore_interrupt() -> None:
+def _serve(run: int) -> None:
+    """A worker's start: Ctrl-C is the run's to handle (it stops the workers), and the worker ends
+    itself once the run's process `run` is gone (kill -9, the OOM killer): it would otherwise wait
+    for tasks forever, holding the shared memory and the cache's HDF5 lock."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(run, 0)
+                with open(f"/proc/{run}/stat") as f:
+                    gone = f.read().rsplit(")", 1)[1].split()[0] == "Z"   # killed, not yet reaped
+            except ProcessLookupError:
+                gone = True
+            except OSError:      # no /proc (not Linux): the pid's existence decides
+                gone = False
+            if gone:
+                os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
 
 
 _appender: list[Appender] = []       # in the merging process: the cache it appends to
@@ -159,13 +179,15 @@ class Written:
 
 class Workers:
     """`workers` processes (inline in this process when 0) that decode parts of `part_size` videos,
-    into slots for two parts, and write parts from buffers of the network's maps (`in_flight` of
-    them, so that writing keeps up with a GPU: a part's write costs about a fifth of its decoding).
+    into slots for two parts, and write parts from buffers of the network's maps, `map_shape` a clip
+    (`in_flight` of them, so that writing keeps up with a GPU: a part's write costs about a fifth of
+    its decoding).
     `decode` is what a worker runs for a video: `_decode_into`, or a module-level function that
     calls it (a test's, to crash a worker on purpose)."""
 
-    def __init__(self, workers: int, settings: ExtractSettings, part_size: int, decode=_decode_into):
-        self.workers, self.settings, self.decode = workers, settings, decode
+    def __init__(self, workers: int, settings: ExtractSettings, part_size: int, map_shape: tuple,
+                 decode=_decode_into):
+        self.workers, self.settings, self.map_shape, self.decode = workers, settings, tuple(map_shape), decode
         s = settings.sampling
         clips = s.clips if s.mode == "segments" else 16       # dense: longer videos come through the pipe
         self.part_rows = part_size * settings.views * clips    # the clips of a part that fit in the buffers
@@ -175,20 +197,26 @@ class Workers:
         self.free_buffers: list[int] = []
         self.in_flight = 2 + -(-workers // 4) if workers else 2
         self.pool = self.thread = None
-        if workers > 0:
-            size = settings.views * clips * s.frames * settings.preprocess.crop ** 2 * 3
-            check_shared_memory(2 * part_size * size)
-            self.slots = [SharedMemory(create=True, size=size) for _ in range(2 * part_size)]
-            self.free = list(range(2 * part_size))
-            self.pool = self._new_pool()
-        else:
+        if workers == 0:
             self.thread = ThreadPoolExecutor(1, thread_name_prefix="write")
+            return
+        slot = settings.views * clips * s.frames * settings.preprocess.crop ** 2 * 3
+        buffer = self.part_rows * int(np.prod(map_shape)) * 4
+        check_shared_memory(2 * part_size * slot + self.in_flight * buffer)
+        try:
+            self.slots = [SharedMemory(create=True, size=slot) for _ in range(2 * part_size)]
+            self.buffers = [SharedMemory(create=True, size=buffer) for _ in range(self.in_flight)]
+            self.free, self.free_buffers = list(range(2 * part_size)), list(range(self.in_flight))
+            self.pool = self._new_pool()
+        except BaseException:
+            self.close()
+            raise
 
     def _new_pool(self, workers: int | None = None) -> ProcessPoolExecutor:
         """A pool that has shown it can start a worker. Forkserver: workers forked from a clean process,
         not from this one with its torch and OpenCV thread pools (which a fork leaves broken)."""
         pool = ProcessPoolExecutor(workers or self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                   initializer=_worker_init, initargs=([s.name for s in self.slots],))
+                                   initializer=_worker_init, initargs=(os.getpid(), [s.name for s in self.slots]))
         try:
             pool.submit(os.getpid).result()
         except BrokenProcessPool:
@@ -222,21 +250,16 @@ class Workers:
         tasks = [(self.free.pop(), a) for a in args]
         return Part(self, tasks, [self._submit(self.decode, slot, a) for slot, a in tasks])
 
-    def out(self, rows: int, shape: tuple) -> tuple[np.ndarray, int]:
-        """(float32 (rows, *shape) array for one part's maps, its buffer): a shared-memory buffer that
+    def out(self, rows: int) -> tuple[np.ndarray, int]:
+        """(float32 (rows, *map_shape) array for one part's maps, its buffer): a shared-memory buffer that
         the workers read in place, or (dense sampling beyond the buffers, or no workers) a private
         array (buffer -1). At most `in_flight` parts may hold one: `write(...).result()` frees it."""
         if self.workers == 0 or rows > self.part_rows:
-            return np.empty((rows, *shape), np.float32), -1
-        if not self.buffers:
-            size = self.part_rows * int(np.prod(shape)) * 4
-            check_shared_memory(self.in_flight * size)
-            self.buffers = [SharedMemory(create=True, size=size) for _ in range(self.in_flight)]
-            self.free_buffers = list(range(self.in_flight))
+            return np.empty((rows, *self.map_shape), np.float32), -1
         if not self.free_buffers:
             raise RuntimeError("more parts in flight than map buffers")     # a bug, not an input
         b = self.free_buffers.pop()
-        return np.ndarray((rows, *shape), np.float32, buffer=self.buffers[b].buf), b
+        return np.ndarray((rows, *self.map_shape), np.float32, buffer=self.buffers[b].buf), b
 
     def write(self, fn, maps: np.ndarray, buffer: int, spans: list, *args) -> Written:
         """`fn(each video's maps, *args)` in a worker (a thread when there are none); `maps`, `buffer`
@@ -302,7 +325,7 @@ class Merger:
         self.args, self.parts, self.futures, self.pool, self.here = (path, settings, expect), [], [], None, None
         if in_process:
             self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"),
-                                            initializer=_ignore_interrupt)
+                                            initializer=_serve, initargs=(os.getpid(),))
             self._submit(_merge_start, *self.args)
         else:
             self.here = Appender(*self.args).__enter__()
