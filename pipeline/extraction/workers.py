@@ -82,6 +82,13 @@ def _serve(run: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _pool(processes: int, init, *args) -> ProcessPoolExecutor:
+    """Processes forked from the forkserver (a clean process, not this one with its torch and OpenCV
+    thread pools, which a fork leaves broken), each started by `init(this process's pid, *args)`."""
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("forkserver"), initializer=init,
+                               initargs=(os.getpid(), *args))
+
+
 _appender: list[Appender] = []       # in the merging process: the cache it appends to
 
 
@@ -213,10 +220,8 @@ class Workers:
             raise
 
     def _new_pool(self, workers: int | None = None) -> ProcessPoolExecutor:
-        """A pool that has shown it can start a worker. Forkserver: workers forked from a clean process,
-        not from this one with its torch and OpenCV thread pools (which a fork leaves broken)."""
-        pool = ProcessPoolExecutor(workers or self.workers, mp_context=multiprocessing.get_context("forkserver"),
-                                   initializer=_worker_init, initargs=(os.getpid(), [s.name for s in self.slots]))
+        """A pool that has shown it can start a worker."""
+        pool = _pool(workers or self.workers, _worker_init, [s.name for s in self.slots])
         try:
             pool.submit(os.getpid).result()
         except BrokenProcessPool:
@@ -324,8 +329,7 @@ class Merger:
     def __init__(self, path, settings: dict, expect: dict[int, str], in_process: bool = True):
         self.args, self.parts, self.futures, self.pool, self.here = (path, settings, expect), [], [], None, None
         if in_process:
-            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("forkserver"),
-                                            initializer=_serve, initargs=(os.getpid(),))
+            self.pool = _pool(1, _serve)
             self._submit(_merge_start, *self.args)
         else:
             self.here = Appender(*self.args).__enter__()
