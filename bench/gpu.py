@@ -18,7 +18,8 @@ breaks on the device; the run goes on, and exits 1 at the end):
     decoding stops being the bound.
  3. Cosine agreement of pooled features (spatio-temporal mean of the maps) of real demo clips:
     bf16/fp16 vs fp32 on the device, device vs CPU fp32, and the library's BatchForward vs the
-    bench's own forward (normalised on the CPU) on the device.
+    bench's own forward (normalised on the CPU) on the device; and BatchForward's batches in flight
+    (`submit`/`wait`, what `extract` runs) against one batch at a time.
  4. `predict` on the device: a `mean` checkpoint (no training needed) over a small cache of demo
     videos extracted on the CPU, a support folder and a few queries from other demo videos.
  5. LSTM (hidden 512) training and LSTM/mean eval episodes/s on the device vs the CPU on a
@@ -369,6 +370,18 @@ def feature_figures(r: Report, p, dev, entries):
         compare(f"pooled cosine min, BatchForward {d} {prec} vs bench forward {d} {prec}",
                 lambda: pool_maps(BatchForward(Backbone.load(None, 0).model, dev, settings(p, prec), True)(clips)),
                 lambda: pooled[prec])
+    # what `extract` runs: batches submitted while earlier ones are in flight (on CUDA pinned buffers,
+    # the copies on a stream of their own), against each batch computed at once
+    name = f"max abs difference, BatchForward {d} fp32 batches in flight vs one at a time"
+    with r.figure(name):
+        f = BatchForward(Backbone.load(None, 0).model, dev, settings(p, "fp32"), True)
+        starts = range(0, len(clips), 8)
+        once = np.concatenate([f(clips[i:i + 8]) for i in starts])
+        staged = np.full_like(once, np.nan)
+        for i in starts:
+            f.submit([clips[i:i + 8]], staged[i:i + 8])
+        f.wait()
+        r.line(name, float(np.abs(staged - once).max()), "", f"{n}, batches of 8; 0 unless the kernels differ")
 
 
 # ---------------------------------------------------------------- 4. predict

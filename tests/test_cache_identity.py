@@ -113,10 +113,11 @@ def test_a_clip_whose_maps_are_not_finite_is_recorded_as_failed(tmp_path):
     from pipeline.extraction.video import VideoClips
     from pipeline.extraction.workers import maps_of
 
-    def forward(batch):                       # the third video overflows float16
-        out = np.ones((len(batch), 768, 1, 1, 1), np.float32)
-        out[batch[:, 0, 0, 0, 0] == 2] = 1e6
-        return out
+    class Forward:                            # the third video overflows float16
+        def submit(self, pieces, out):
+            batch = np.concatenate(pieces)
+            out[...] = 1
+            out[batch[:, 0, 0, 0, 0] == 2] = 1e6
 
     group, decoded = [], []
     for k in range(3):
@@ -124,7 +125,7 @@ def test_a_clip_whose_maps_are_not_finite_is_recorded_as_failed(tmp_path):
         group.append((VideoEntry(f"a/{k}", write_video(tmp_path / f"{k}.avi", 3), "a", "train", 0), k, "sha"))
         decoded.append((VideoClips(clips, np.zeros((2, 4), np.int64), 10, 10, 25.0, (8, 8)), ""))
     maps = np.empty((extractor.decoded_rows(decoded), 768, 1, 1, 1), np.float32)
-    results, spans = extractor._forward_part(group, decoded, forward, 4, tqdm(disable=True), maps)
+    results, spans = extractor._forward_part(group, decoded, Forward(), 4, tqdm(disable=True), maps)
     assert spans == [(0, 2), (2, 2), (4, 2)]
     results = extractor._finish_part(results, maps_of(maps, spans), "float16")
     assert [r.status for r in results] == ["ok", "ok", "failed"]

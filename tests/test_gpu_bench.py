@@ -54,6 +54,7 @@ def test_gpu_bench_on_cpu_prints_every_figure(tmp_path):
     for prec in ("fp32", "bf16"):
         assert value(f"pooled cosine min, BatchForward cpu {prec} vs bench forward cpu {prec}") >= 0.99
     assert value("pooled cosine min, cpu bf16 vs cpu fp32") >= 0.9
+    assert value("max abs difference, BatchForward cpu fp32 batches in flight vs one at a time") == 0
 
     assert value("predict on cpu", "s") > 0 and f["predict ran on"] == ["cpu"]
 

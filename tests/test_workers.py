@@ -200,14 +200,14 @@ def test_a_shared_memory_too_small_for_the_slots_and_buffers_is_one_line_naming_
         Workers(1, SETTINGS, 8, MAPS)    # 16 slots of 2 x 4 x 32 x 32 x 3 bytes, 3 buffers of 16 x 1,536 float32
 
 
-def extract_with(entries, out, workers: int) -> dict:
+def extract_with(entries, out, workers: int, backbone=None) -> dict:
     import warnings
     from pipeline.extraction.backbone import Backbone
     from pipeline.extraction.extractor import extract_features
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                # the random network's warning
-        return extract_features(entries, out, SETTINGS, Backbone.load(None, 0), batch_size=3, workers=workers,
-                                part_size=2, progress=False)
+        return extract_features(entries, out, SETTINGS, backbone or Backbone.load(None, 0), batch_size=3,
+                                workers=workers, part_size=2, progress=False)
 
 
 def cache_values(path) -> dict:
@@ -257,6 +257,51 @@ def test_a_writer_killed_mid_part_loses_nothing(entries, written_here, tmp_path,
     assert "part-000001.h5" in WRITTEN_BY_THE_PARENT and "part-000004.h5" not in WRITTEN_BY_THE_PARENT
     assert same_cache(cache_values(tmp_path / "c.h5"), written_here)
     assert not (tmp_path / "c.h5.parts").exists()
+
+
+class LateForward:
+    """A device's way of answering (as BatchForward on CUDA): a batch's maps reach `out` only when
+    `wait` covers it, and `out` holds NaN until then, so a part written before its maps arrived
+    would be recorded as failed (non-finite) and the caches would differ."""
+    on_cpu = False
+
+    def __init__(self, forward):
+        self.forward, self.submitted, self.queued, self.waits = forward, 0, [], []
+
+    def __call__(self, clips):
+        return self.forward(clips)
+
+    def submit(self, pieces, out):
+        self.submitted += 1
+        out[...] = np.nan
+        self.queued.append((self.submitted, out, self.forward(np.concatenate(pieces))))
+
+    def wait(self, upto=None):
+        upto = self.submitted if upto is None else upto
+        self.waits.append((upto, self.submitted))
+        for number, out, maps in [q for q in self.queued if q[0] <= upto]:
+            out[...] = maps
+        self.queued = [q for q in self.queued if q[0] > upto]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_maps_that_reach_the_host_late_are_waited_for_and_the_device_is_never_drained_mid_run(
+        entries, written_here, tmp_path, workers):
+    from pipeline.extraction.backbone import Backbone
+
+    class Late(Backbone):
+        def batch_forward(self, *a):
+            self.late = LateForward(super().batch_forward(*a))
+            return self.late
+    with pytest.warns(UserWarning, match="RANDOMLY"):
+        base = Backbone.load(None, 0)
+    backbone = Late(base.model, base.weights_path, base.sha256, base.seed)
+    extract_with(entries, tmp_path / "c.h5", workers, backbone)
+    assert same_cache(cache_values(tmp_path / "c.h5"), written_here)
+    # 9 videos in parts of 2, 2 clips a video, batches of 3: 2 batches a part, none for the last (the
+    # unreadable video alone). Each part's maps are waited for once the next part's batches are queued
+    # (upto, submitted), the last ones at the end
+    assert backbone.late.waits == [(2, 4), (4, 6), (6, 8), (8, 8), (8, 8)]
 
 
 def test_dense_parts_beyond_the_buffers_are_handed_over_whole_and_stored_the_same(tmp_path):

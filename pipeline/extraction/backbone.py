@@ -6,7 +6,9 @@ recorded, and refuses a file whose sha256 differs.
 from __future__ import annotations
 
 import ctypes
+import math
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from ..errors import PipelineError
 from ..files import sha256
 from .mfnet import MFNet3D, random_mfnet
 from .settings import ExtractSettings
-from .video import normalize_batch
+from .video import normalize_batch, normalize_constants
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,7 +91,8 @@ def retain_freed_memory() -> bool:
 
 
 class BatchForward:
-    """Batched backbone forward returning float32 maps on the CPU."""
+    """Batched backbone forward returning float32 maps on the CPU: `__call__` for one batch at once;
+    `submit` and `wait` for a stream of batches, which on CUDA keeps the device busy (`_CudaStaging`)."""
 
     def __init__(self, model: MFNet3D, device: torch.device, settings: ExtractSettings, channels_last: bool):
         self.model = model.to(device)
@@ -98,6 +101,8 @@ class BatchForward:
         self.layer = settings.layer
         self.amp = AUTOCAST[settings.precision]
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        self.submitted = 0                     # batches given to `submit`: what `wait` counts in
+        self.staging = _CudaStaging(self) if device.type == "cuda" else None
         if channels_last:
             self.model = self.model.to(memory_format=self.memory_format)
         if device.type == "cpu":
@@ -114,10 +119,89 @@ class BatchForward:
         rows = cv2.LUT(clips.reshape(-1, clips.shape[-2], 3), self.levels)   # (B*F*H, W, 3) float32
         return torch.from_numpy(rows.reshape(clips.shape)).permute(0, 4, 1, 2, 3)
 
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 (B, 3, F, H, W) on the device -> contiguous float32 (B, 768, t, h, w) there."""
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            y = self.model.forward_features(x, self.layer)
+        return y.float().contiguous()
+
     @torch.inference_mode()
     def __call__(self, clips: np.ndarray) -> np.ndarray:
         """uint8 (B, F, H, W, 3) clips -> float32 (B, 768, t, h, w) maps."""
-        x = self.normalize(clips).contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            y = self.model.forward_features(x, self.layer)
-        return y.float().contiguous().cpu().numpy()
+        return self.maps(self.normalize(clips)).cpu().numpy()
+
+    @torch.inference_mode()
+    def submit(self, pieces: list[np.ndarray], out: np.ndarray) -> None:
+        """One batch made of `pieces` (uint8 (b, F, H, W, 3) each, in order): their maps go to `out`
+        (float32, one row a clip). On the CPU at once; on CUDA once `wait` has covered this batch."""
+        self.submitted += 1
+        if self.staging is None:
+            out[...] = self(np.concatenate(pieces))
+        else:
+            self.staging.submit(self.submitted, pieces, out)
+
+    def wait(self, upto: int | None = None) -> None:
+        """Until the maps of the batches submitted so far (or the first `upto`, a value of
+        `submitted`) are in their `out`."""
+        if self.staging is not None:
+            self.staging.wait(self.submitted if upto is None else upto)
+
+
+def _pinned(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+
+class _CudaStaging:
+    """Two batches in flight on a CUDA device, each with its own pinned host buffers (grown to the
+    largest batch, then reused: pinning memory per batch costs more than the copy). Batch i+1's clips
+    cross to the device on a stream of their own while batch i computes, and the host waits only
+    when it needs a buffer back (or `wait`), so the device always has the next batch queued. Before,
+    every batch was pinned afresh, copied, computed and brought back while the device idled between."""
+
+    def __init__(self, forward: BatchForward):
+        self.forward, self.copies = forward, torch.cuda.Stream(forward.device)
+        self.constants = normalize_constants(forward.device)   # moved once: a copy per batch waits for the device
+        self.free = [_Buffers(), _Buffers()]
+        self.busy: deque = deque()          # (batch number, buffers, pinned maps, out), oldest first
+
+    def submit(self, number: int, pieces: list[np.ndarray], out: np.ndarray) -> None:
+        if not self.free:
+            self._collect_oldest()
+        buffers = self.free.pop()
+        clips = buffers.get("clips", (sum(len(p) for p in pieces), *pieces[0].shape[1:]), torch.uint8)
+        np.concatenate(pieces, out=clips.numpy())
+        with torch.cuda.stream(self.copies):
+            x = clips.to(self.forward.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.forward.device)
+        compute.wait_stream(self.copies)
+        x.record_stream(compute)                # made on the copy stream, used (and freed) on this one
+        y = self.forward.maps(normalize_batch(x, self.constants))
+        maps = buffers.get("maps", tuple(y.shape), torch.float32)
+        maps.copy_(y, non_blocking=True)
+        buffers.done.record(compute)
+        self.busy.append((number, buffers, maps, out))
+
+    def _collect_oldest(self) -> None:
+        _, buffers, maps, out = self.busy.popleft()
+        buffers.done.synchronize()
+        out[...] = maps.numpy()
+        self.free.append(buffers)
+
+    def wait(self, upto: int) -> None:
+        while self.busy and self.busy[0][0] <= upto:
+            self._collect_oldest()
+
+
+class _Buffers:
+    """One batch's pinned host buffers and the event that says the device is done with them."""
+
+    def __init__(self):
+        self.pinned: dict[str, torch.Tensor] = {}
+        self.done = torch.cuda.Event()
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if name not in self.pinned or len(self.pinned[name]) < nbytes:
+            self.pinned[name] = _pinned(nbytes)
+        return self.pinned[name][:nbytes].view(dtype).view(shape)

@@ -75,16 +75,16 @@ def shard_path(out: Path, i: int, n: int) -> Path:
 
 
 def _forward_part(group, decoded, forward, batch_size, bar, maps):
-    """One part's videos through the network, their float32 clip maps into `maps` (rows of the part's
-    decoded clips, in order): clips batched across videos, batches confined to the part. Returns
-    (results, spans): each video's (first row, rows) in `maps`, for `write_part`."""
+    """One part's videos given to the network (`forward.submit`), their float32 clip maps to go into
+    `maps` (rows of the part's decoded clips, in order; there after `forward.wait`): clips batched
+    across videos, batches confined to the part. Returns (results, spans): each video's (first row,
+    rows) in `maps`, for `write_part`."""
     results, queue, spans, filled = [], [], [], 0
 
     def run(n):
         nonlocal filled
-        batch = np.concatenate([c for c in queue[:n]])
+        forward.submit(queue[:n], maps[filled:filled + n])
         del queue[:n]
-        maps[filled:filled + n] = forward(batch)
         filled += n
 
     for (entry, order, source), (vc, reason) in zip(group, decoded):
@@ -245,12 +245,21 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     bar = tqdm(total=total, unit="video", disable=not progress, desc=f"extract {target.name}")
     expect = {o: e.id for k in mine for e, o, _ in groups[k]}
     unmerged = [parts_dir / f"part-{k:06d}.h5" for k in mine]      # merged in order, as each is on disk
-    writes = deque()
+    writes, unwritten = deque(), deque()   # parts being written; parts whose maps may be on the device
 
     def finish_oldest_write():
         done["failed"] += writes.popleft().result()
         while unmerged and unmerged[0].exists():
             merger.add(unmerged.pop(0))
+
+    def write_computed(keep: int):
+        """Writes the parts computed, all but the last `keep`: on a GPU a part's maps are collected
+        once the next part's batches are queued, so the device does not idle at each part's end."""
+        while len(unwritten) > keep:
+            mark, k, maps, buffer, spans, results = unwritten.popleft()
+            forward.wait(mark)
+            writes.append(workers.write(write_part, maps, buffer, spans, parts_dir / f"part-{k:06d}.h5", results,
+                                        wanted, provenance, map_shape, frames))
 
     # the cache is merged from the parts while they are made, by a process of its own (a second pass
     # at the end cost 10% here, and merging in this process took a core's third on a GPU machine);
@@ -266,19 +275,20 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 following = [e for e, _, _ in groups[todo[j + 1]]] if j + 1 < len(todo) else None
                 if overlap and following:
                     nxt = workers.submit(following)
-                while len(writes) >= workers.in_flight:      # memory stays bounded
+                while len(writes) + len(unwritten) >= workers.in_flight:      # memory stays bounded
                     finish_oldest_write()
                 maps, buffer = workers.out(decoded_rows(decoded))
                 results, spans = _forward_part(groups[k], decoded, forward, batch_size, bar, maps)
                 done["clips"] += len(maps)
                 del decoded
-                part.release()
-                writes.append(workers.write(write_part, maps, buffer, spans, parts_dir / f"part-{k:06d}.h5", results,
-                                            wanted, provenance, map_shape, frames))
+                part.release()               # the clips are copied into the batches by now
+                unwritten.append((forward.submitted, k, maps, buffer, spans, results))
                 del maps
+                write_computed(keep=1 if overlap else 0)
                 if not overlap and following:            # after the write: it runs beside the decoding
                     nxt = workers.submit(following)
                 bar.set_postfix(clips_s=f"{done['clips'] / (time.perf_counter() - t0):.1f}", failed=done["failed"])
+            write_computed(keep=0)
             while writes:
                 finish_oldest_write()
             for path in unmerged:                   # parts of an earlier run after the last one made now

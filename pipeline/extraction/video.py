@@ -215,14 +215,22 @@ def normalize(clip_rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(3, 0, 1, 2))
 
 
-def normalize_batch(clips_rgb):
-    """torch uint8 (B, F, H, W, 3) RGB -> float32 (B, 3, F, H, W), the same arithmetic as `normalize`
-    (used by extraction: clips stay uint8, 4x smaller, until batched, and on CUDA until on the device)."""
+def normalize_constants(device="cpu") -> tuple:
+    """(scale, shift) of `normalize_batch` on `device`: (x/255 - mean)/std as one multiply-add,
+    computed on the CPU, then moved (the same values everywhere). Kept by a caller that normalises
+    batch after batch on CUDA, where moving them each time would wait for the device."""
     import torch
-    scale = 1.0 / (255.0 * torch.tensor(MFNET_STD))      # (x/255 - mean)/std as one multiply-add
+    scale = 1.0 / (255.0 * torch.tensor(MFNET_STD))
     shift = -torch.tensor(MFNET_MEAN) / torch.tensor(MFNET_STD)
-    dev = clips_rgb.device                                # computed on the CPU, then moved: same values
-    return clips_rgb.float().mul_(scale.to(dev)).add_(shift.to(dev)).permute(0, 4, 1, 2, 3)
+    return scale.to(device), shift.to(device)
+
+
+def normalize_batch(clips_rgb, constants: tuple | None = None):
+    """torch uint8 (B, F, H, W, 3) RGB -> float32 (B, 3, F, H, W), the same arithmetic as `normalize`
+    (used by extraction: clips stay uint8, 4x smaller, until batched, and on CUDA until on the device).
+    `constants`: `normalize_constants(clips_rgb.device)`, when kept."""
+    scale, shift = constants or normalize_constants(clips_rgb.device)
+    return clips_rgb.float().mul_(scale).add_(shift).permute(0, 4, 1, 2, 3)
 
 
 def cut_clip(frames: dict[int, np.ndarray], idx: np.ndarray, crop: Crop, size: int) -> np.ndarray:
