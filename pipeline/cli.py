@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -20,12 +21,19 @@ def _root(debug: bool = typer.Option(False, "--debug", envvar="PIPELINE_DEBUG",
     _debug = debug
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main():
     """Runs a command; an input error (PipelineError) or a bad argument ends as one line naming the
     file, option or value and the reason, with exit code 2."""
     from typer._click import exceptions as click   # typer (pinned) vendors its own click
 
     from .errors import PipelineError
+    # Slurm's time limit and pre-emption, and `kill`, send SIGTERM: stopped as by Ctrl-C (workers
+    # stopped, lock released, the rerun resumes), not dropped mid-part with the lock left behind
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = app(standalone_mode=False)
     except click.NoArgsIsHelpError as e:

@@ -155,12 +155,14 @@ def resumed(cmd, tmp_path) -> None:
         assert len(f["videos/id"]) == 20
 
 
-def test_ctrl_c_stops_every_process_and_a_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_stops_every_process_and_a_rerun_resumes(tmp_path, stop):
     cmd, parts = small_dataset(tmp_path), tmp_path / "c.h5.parts"
     p = started(cmd, parts)
-    os.killpg(p.pid, signal.SIGINT)                               # what Ctrl-C does: the whole group
+    os.killpg(p.pid, stop)          # Ctrl-C, or Slurm's time limit: the whole group
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert "leaked" not in err                                     # the shared memory was unlinked
     assert none_left(p.pid), "a worker process outlived Ctrl-C"
     done = len(list(parts.glob("part-*.h5")))
     assert 1 <= done < 20 and not list(parts.glob("*.tmp*"))
@@ -200,14 +202,31 @@ def test_a_shared_memory_too_small_for_the_slots_and_buffers_is_one_line_naming_
         Workers(1, SETTINGS, 8, MAPS)    # 16 slots of 2 x 4 x 32 x 32 x 3 bytes, 3 buffers of 16 x 1,536 float32
 
 
-def extract_with(entries, out, workers: int, backbone=None) -> dict:
+def test_a_run_refused_before_it_starts_leaves_nothing_that_blocks_the_next(entries, tmp_path, monkeypatch):
+    import pipeline.extraction.workers as workers
+    from pipeline.errors import ConfigError
+
+    class Small:
+        f_bavail, f_frsize = 16, 4096
+    real = os.statvfs
+    with monkeypatch.context() as m:
+        m.setattr(workers.os, "statvfs", lambda where: Small() if where == "/dev/shm" else real(where))
+        with pytest.raises(WorkerError, match="/dev/shm"):
+            extract_with(entries, tmp_path / "c.h5", 1)
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            extract_with(entries, tmp_path / "c.h5", 1, device="cuda")
+    assert os.listdir(tmp_path) == []        # no parts folder, no lock, no temporary
+
+
+def extract_with(entries, out, workers: int, backbone=None, **kw) -> dict:
     import warnings
     from pipeline.extraction.backbone import Backbone
     from pipeline.extraction.extractor import extract_features
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                # the random network's warning
         return extract_features(entries, out, SETTINGS, backbone or Backbone.load(None, 0), batch_size=3,
-                                workers=workers, part_size=2, progress=False)
+                                workers=workers, part_size=2, progress=False, **kw)
 
 
 def cache_values(path) -> dict:

@@ -155,12 +155,13 @@ def _pinned(nbytes: int) -> torch.Tensor:
 class _CudaStaging:
     """Two batches in flight on a CUDA device, each with its own pinned host buffers (grown to the
     largest batch, then reused: pinning memory per batch costs more than the copy). Batch i+1's clips
-    cross to the device on a stream of their own while batch i computes, and the host waits only
-    when it needs a buffer back (or `wait`), so the device always has the next batch queued. Before,
-    every batch was pinned afresh, copied, computed and brought back while the device idled between."""
+    cross to the device on a stream of their own while batch i computes, and batch i's maps come back
+    on a third while batch i+1 computes; the host waits only when it needs a buffer back (or `wait`).
+    Before, every batch was pinned afresh, copied, computed and brought back while the device idled."""
 
     def __init__(self, forward: BatchForward):
-        self.forward, self.copies = forward, torch.cuda.Stream(forward.device)
+        self.forward = forward
+        self.to_device, self.to_host = torch.cuda.Stream(forward.device), torch.cuda.Stream(forward.device)
         self.constants = normalize_constants(forward.device)   # moved once: a copy per batch waits for the device
         self.free = [_Buffers(), _Buffers()]
         self.busy: deque = deque()          # (batch number, buffers, pinned maps, out), oldest first
@@ -169,17 +170,24 @@ class _CudaStaging:
         if not self.free:
             self._collect_oldest()
         buffers = self.free.pop()
-        clips = buffers.get("clips", (sum(len(p) for p in pieces), *pieces[0].shape[1:]), torch.uint8)
-        np.concatenate(pieces, out=clips.numpy())
-        with torch.cuda.stream(self.copies):
-            x = clips.to(self.forward.device, non_blocking=True)
-        compute = torch.cuda.current_stream(self.forward.device)
-        compute.wait_stream(self.copies)
-        x.record_stream(compute)                # made on the copy stream, used (and freed) on this one
-        y = self.forward.maps(normalize_batch(x, self.constants))
-        maps = buffers.get("maps", tuple(y.shape), torch.float32)
-        maps.copy_(y, non_blocking=True)
-        buffers.done.record(compute)
+        try:
+            clips = buffers.get("clips", (sum(len(p) for p in pieces), *pieces[0].shape[1:]), torch.uint8)
+            np.concatenate(pieces, out=clips.numpy())
+            with torch.cuda.stream(self.to_device):
+                x = clips.to(self.forward.device, non_blocking=True)
+            compute = torch.cuda.current_stream(self.forward.device)
+            compute.wait_stream(self.to_device)
+            x.record_stream(compute)            # made on the copy stream, used (and freed) on this one
+            y = self.forward.maps(normalize_batch(x, self.constants))
+            maps = buffers.get("maps", tuple(y.shape), torch.float32)
+            self.to_host.wait_stream(compute)
+            with torch.cuda.stream(self.to_host):
+                maps.copy_(y, non_blocking=True)
+            y.record_stream(self.to_host)
+            buffers.done.record(self.to_host)   # after the copy back, so after this batch's every use
+        except BaseException:
+            self.free.append(_Buffers())        # not these: a copy may still be using them
+            raise
         self.busy.append((number, buffers, maps, out))
 
     def _collect_oldest(self) -> None:
@@ -198,7 +206,7 @@ class _Buffers:
 
     def __init__(self):
         self.pinned: dict[str, torch.Tensor] = {}
-        self.done = torch.cuda.Event()
+        self.done = torch.cuda.Event(blocking=True)    # the host sleeps while it waits: a spin took a core
 
     def get(self, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         nbytes = math.prod(shape) * dtype.itemsize

@@ -178,6 +178,7 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                     channels_last, progress, extra_provenance, allow_duplicates) -> dict:
     from tqdm import tqdm
 
+    dev = pick_device(device)                # a device that is not there: refused before any work
     wanted = settings.as_dict()
     indexed = list(zip(entries, range(len(entries))))
     groups = [indexed[k:k + part_size] for k in range(0, len(indexed), part_size)]
@@ -218,15 +219,11 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 raise CacheMismatch(f"{parts_dir} holds the parts of an extraction of other videos or files "
                                     f"({change}); {fix}")
             shutil.rmtree(parts_dir)
-    parts_dir.mkdir(exist_ok=True)
-    atomic_write_text(parts_dir / "settings.json", json.dumps(identity, sort_keys=True))
-
     todo = [k for k in mine if not (parts_dir / f"part-{k:06d}.h5").exists()]
     # no creation time: the same extraction gives the same bytes, so DVC sees no change
     provenance = dict(backbone.provenance(), torch=torch.__version__, h5py=h5py.__version__, numpy=np.__version__,
                       opencv=cv2.__version__, python=platform.python_version(),
                       shard=f"{i}/{n}", **(extra_provenance or {}), **({"duplicates": duplicates} if duplicates else {}))
-    dev = pick_device(device)
     if dev.type == "cpu" and slow_half_precision(settings.precision):
         warnings.warn(f"--precision {settings.precision} on this CPU is emulated (no {' or '.join(NATIVE_HALF[settings.precision])} "
                       "instructions) and can run 50x slower than --precision fp32", stacklevel=2)
@@ -235,6 +232,12 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
     frames = settings.sampling.frames
     map_shape = forward(np.zeros((1, frames, settings.preprocess.crop, settings.preprocess.crop, 3), np.uint8)).shape[1:]
     workers = Workers(workers, settings, part_size, map_shape)
+    try:            # only now, so that a run refused before it starts leaves nothing to block the next
+        parts_dir.mkdir(exist_ok=True)
+        atomic_write_text(parts_dir / "settings.json", json.dumps(identity, sort_keys=True))
+    except BaseException:
+        workers.close()
+        raise
     # On a GPU the workers decode the next part while the network computes this one. On CPU the
     # backbone already uses every core, and decoding beside it slowed both (the two compute threads
     # wait for each other whenever a decoder takes one of their cores); there the next part is
