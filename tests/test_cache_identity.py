@@ -77,6 +77,20 @@ def test_resume_with_another_part_size_says_which_to_use(data, tmp_path, monkeyp
 
 
 @pytest.mark.filterwarnings("ignore:no --weights")
+def test_a_damaged_part_file_is_named_and_computed_again(data, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    interrupted(data, out, monkeypatch, after=2)
+    damaged = tmp_path / "c.h5.parts" / "part-000001.h5"
+    damaged.write_bytes(damaged.read_bytes()[:300])                   # cut short, as by a disk fault
+    with pytest.warns(UserWarning, match=r"part-000001.h5 is damaged \(feature cache .*not a readable HDF5 file"):
+        r = extract(data, out)
+    assert r["resumed_parts"] == 1 and r["videos"] == 12
+    extract(data, tmp_path / "whole.h5")
+    with FeatureStore(out) as a, FeatureStore(tmp_path / "whole.h5") as b:
+        assert a.f.attrs["content_digest"] == b.f.attrs["content_digest"]
+
+
+@pytest.mark.filterwarnings("ignore:no --weights")
 def test_a_modified_file_is_not_up_to_date_and_an_unchanged_dataset_is(data, tmp_path):
     out = tmp_path / "c.h5"
     extract(data, out)

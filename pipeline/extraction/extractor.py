@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConfigError
 from ..files import atomic_path, atomic_write_text, check_output, exclusive, sha256
-from ..store import (SIZE_RATIO, CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, pool_maps,
+from ..store import (SIZE_RATIO, CacheError, CacheMismatch, FeatureStore, StoreWriter, VideoResult, check_settings, pool_maps,
                      read_settings, step_maps)
 from ..device import NATIVE_HALF, pick_device, slow_half_precision
 from .backbone import Backbone, retain_freed_memory
@@ -219,6 +219,7 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 raise CacheMismatch(f"{parts_dir} holds the parts of an extraction of other videos or files "
                                     f"({change}); {fix}")
             shutil.rmtree(parts_dir)
+    _drop_damaged([parts_dir / f"part-{k:06d}.h5" for k in mine])
     todo = [k for k in mine if not (parts_dir / f"part-{k:06d}.h5").exists()]
     # no creation time: the same extraction gives the same bytes, so DVC sees no change
     provenance = dict(backbone.provenance(), torch=torch.__version__, h5py=h5py.__version__, numpy=np.__version__,
@@ -314,6 +315,21 @@ def _extract_locked(entries, target, i, n, settings, backbone, batch_size, worke
                 clips=int(rows), computed_clips=done['clips'], seconds=seconds,
                 clips_per_s=done['clips'] / seconds if seconds > 0 else 0.0,
                 bytes=target.stat().st_size, failures=failures, warnings=warnings)
+
+
+def _drop_damaged(parts: list[Path]) -> None:
+    """Finished part files that cannot be read (a disk fault, a file cut short or overwritten) are
+    removed, with a warning naming each, so that they are computed again rather than stopping the
+    merge at the end of the run."""
+    for path in parts:
+        if not path.exists():
+            continue
+        try:
+            with FeatureStore(path):
+                pass
+        except (CacheError, KeyError, OSError) as e:
+            warnings.warn(f"{path} is damaged ({e}); it is computed again", stacklevel=4)
+            path.unlink()
 
 
 def _remove_temporaries(parts_dir: Path) -> None:
