@@ -88,3 +88,48 @@ def test_unreadable_weights_file(tmp_path):
         MFNet3D.from_checkpoint(tmp_path / "junk.pth")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         MFNet3D.from_checkpoint(tmp_path / "none.pth")
+
+
+def _authors_forward(sd: dict, x):
+    """MFNET_3D.forward up to its tail's BN+ReLU, transcribed in float64 functional form from the
+    authors' code (cypw/PyTorch-MFNet, network/mfnet_3d.py: BN_AC_CONV3D.forward, MF_UNIT.forward,
+    MFNET_3D.forward), reading parameters by their state_dict names."""
+    import torch.nn.functional as F
+
+    def bn(p, h):                     # eval mode: running statistics, eps 1e-5
+        return F.batch_norm(h, sd[p + ".running_mean"], sd[p + ".running_var"], sd[p + ".weight"], sd[p + ".bias"],
+                            False, 0.0, 1e-5)
+
+    def bn_ac_conv(p, h, stride=(1, 1, 1), groups=1):
+        w = sd[p + ".conv.weight"]
+        pad = tuple(k // 2 for k in w.shape[2:])
+        return F.conv3d(F.relu(bn(p + ".bn", h)), w, None, stride, pad, 1, groups)
+
+    h = F.conv3d(x, sd["conv1.conv.weight"], None, (1, 2, 2), (1, 2, 2))
+    h = F.max_pool3d(F.relu(bn("conv1.bn", h)), (1, 3, 3), (1, 2, 2), (0, 1, 1))
+    for stage, units, stride in (("conv2", 3, (2, 1, 1)), ("conv3", 4, (1, 2, 2)), ("conv4", 6, (1, 2, 2)),
+                                 ("conv5", 3, (1, 2, 2))):
+        for i in range(1, units + 1):
+            p, first = f"{stage}.B{i:02d}", i == 1
+            s = stride if first else (1, 1, 1)
+            x_in = h + bn_ac_conv(p + ".conv_i2", bn_ac_conv(p + ".conv_i1", h))
+            m = bn_ac_conv(p + ".conv_m1", x_in, s, 16)
+            m = bn_ac_conv(p + ".conv_m2", m, groups=1 if first else 16)
+            h = m + (bn_ac_conv(p + ".conv_w1", h, s) if first else h)
+    return F.relu(bn("tail.bn", h))
+
+
+def test_features_equal_the_authors_forward_in_float64():
+    torch.manual_seed(0)
+    model = random_mfnet(0).double().eval()
+    for m in model.modules():          # non-trivial BN statistics, so that every BN's role shows
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    x = torch.randn(2, 3, 4, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ours = model.forward_features(x)
+        theirs = _authors_forward(model.state_dict(), x)
+    assert ours.shape == (2, 768, 2, 1, 1) and (ours > 0).float().mean() > 0.1
+    assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)
