@@ -102,6 +102,7 @@ class BatchForward:
         self.amp = AUTOCAST[settings.precision]
         self.memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         self.submitted = 0                     # batches given to `submit`: what `wait` counts in
+        self.constants = normalize_constants(device)   # moved once: on CUDA a copy per batch waits for the device
         self.staging = _CudaStaging(self) if device.type == "cuda" else None
         if channels_last:
             self.model = self.model.to(memory_format=self.memory_format)
@@ -115,7 +116,7 @@ class BatchForward:
     def normalize(self, clips: np.ndarray) -> torch.Tensor:
         """uint8 (B, F, H, W, 3) RGB -> float32 (B, 3, F, H, W) on the device, as `normalize_batch`."""
         if self.device.type == "cuda":  # ship uint8 (4x smaller), normalise on the GPU
-            return normalize_batch(torch.from_numpy(clips).pin_memory().to(self.device, non_blocking=True))
+            return normalize_batch(torch.from_numpy(clips).pin_memory().to(self.device, non_blocking=True), self.constants)
         rows = cv2.LUT(clips.reshape(-1, clips.shape[-2], 3), self.levels)   # (B*F*H, W, 3) float32
         return torch.from_numpy(rows.reshape(clips.shape)).permute(0, 4, 1, 2, 3)
 
@@ -162,7 +163,6 @@ class _CudaStaging:
     def __init__(self, forward: BatchForward):
         self.forward = forward
         self.to_device, self.to_host = torch.cuda.Stream(forward.device), torch.cuda.Stream(forward.device)
-        self.constants = normalize_constants(forward.device)   # moved once: a copy per batch waits for the device
         self.free = [_Buffers(), _Buffers()]
         self.busy: deque = deque()          # (batch number, buffers, pinned maps, out), oldest first
 
@@ -178,7 +178,7 @@ class _CudaStaging:
             compute = torch.cuda.current_stream(self.forward.device)
             compute.wait_stream(self.to_device)
             x.record_stream(compute)            # made on the copy stream, used (and freed) on this one
-            y = self.forward.maps(normalize_batch(x, self.constants))
+            y = self.forward.maps(normalize_batch(x, self.forward.constants))
             maps = buffers.get("maps", tuple(y.shape), torch.float32)
             self.to_host.wait_stream(compute)
             with torch.cuda.stream(self.to_host):
